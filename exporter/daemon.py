@@ -1,0 +1,174 @@
+"""The long-running exporter: probes on a schedule, serves /metrics, stops cleanly on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import structlog
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from exporter.collectors import exporter_collectors
+from exporter.config import Config, Target, split_listen_address
+from exporter.llama.client import LlamaClient, ServerError
+from exporter.probe.results import SKIP_IN_PROGRESS, RoundResult
+from exporter.probe.runner import ProbeRunner
+from exporter.scheduler import Scheduler
+from exporter.state import Store
+from exporter.web import WebServer, make_app
+
+log = structlog.get_logger(__name__)
+
+# SIGTERM must end the process within 5 s; in-flight probes get this long to close their streams.
+SHUTDOWN_GRACE_SECONDS = 3.0
+
+
+@dataclass
+class _TargetRuntime:
+    target: Target
+    client: LlamaClient
+    runner: ProbeRunner
+
+
+def round_event(result: RoundResult) -> dict[str, object]:
+    """The figures of one round, flat, for its log line."""
+    event: dict[str, object] = {
+        "target": result.target,
+        "duration_s": round(result.duration, 3),
+    }
+    if result.server is not None:
+        event.update(model=result.server.model, ctx=result.server.ctx)
+    for s in result.samples:
+        key = "pp" if s.kind == "prompt" else "tg"
+        event[f"{key}_d{s.depth}_tps"] = round(s.tokens_per_second, 2)
+        if s.time_to_first_token is not None:
+            event[f"ttft_d{s.depth}_ms"] = round(s.time_to_first_token * 1000, 1)
+    failures = {k: o.failure for k, o in result.outcomes.items() if o.failure}
+    discards = {k: list(o.discards) for k, o in result.outcomes.items() if o.discards}
+    if failures:
+        event["failures"] = failures
+    if discards:
+        event["discarded"] = discards
+    if result.skips:
+        event["skipped"] = list(result.skips)
+    if result.detail:
+        event["detail"] = result.detail
+    return event
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport_factory: Callable[[Target], httpx.AsyncBaseTransport | None] = lambda t: None,
+        overlap_poll_interval: float = 0.5,
+        first_probe_delay: float | None = None,
+    ) -> None:
+        self.config = config
+        self.store = Store([(t.name, t.url) for t in config.targets])
+        self._runtimes = {
+            t.name: self._runtime(t, transport_factory(t), overlap_poll_interval)
+            for t in config.targets
+        }
+        self._first_probe_delay = first_probe_delay
+        self.registry = CollectorRegistry()
+        self.registry.register(
+            exporter_collectors(self.store.snapshot, {t.name: t.plan for t in config.targets})
+        )
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        host, port = split_listen_address(config.listen_address)
+        self.web = WebServer(
+            make_app(self.registry, self.store.snapshot, config.telemetry_path), host, port
+        )
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @staticmethod
+    def _runtime(
+        target: Target, transport: httpx.AsyncBaseTransport | None, poll: float
+    ) -> _TargetRuntime:
+        # Each request may take the whole round's timeout; the round itself enforces it.
+        client = LlamaClient(target.url, target.api_key, timeout=target.plan.timeout,
+                             transport=transport)  # fmt: skip
+        runner = ProbeRunner(target.name, client, target.plan, overlap_poll_interval=poll)
+        return _TargetRuntime(target, client, runner)
+
+    async def discover(self, name: str) -> None:
+        rt = self._runtimes[name]
+        try:
+            info = await rt.runner.refresh()
+        except ServerError as exc:
+            self.store.record_discovery(name, None, exc.reason)
+            log.warning("server_unavailable", target=name, reason=exc.reason, detail=exc.detail)
+        else:
+            self.store.record_discovery(name, info, None)
+        self.store.record_duty(name, rt.runner.duty_ratio())
+
+    async def probe(self, name: str) -> RoundResult:
+        rt = self._runtimes[name]
+        result = await rt.runner.run_round()
+        self.store.record_round(result)
+        self.store.record_duty(name, rt.runner.duty_ratio())
+        failed = any(o.failure for o in result.outcomes.values())
+        (log.warning if failed else log.info)("probe_round", **round_event(result))
+        return result
+
+    def skipped_in_progress(self, name: str) -> None:
+        self.store.record_skip(name, SKIP_IN_PROGRESS)
+        log.info("probe_round", target=name, skipped=[SKIP_IN_PROGRESS])
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_stop_threadsafe(self) -> None:
+        """For callers outside the daemon's event loop (tests, embedding)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Serve and probe until SIGTERM or SIGINT (or `request_stop`), then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop)
+        self.web.start()
+        log.info(
+            "exporter_started",
+            listen=self.config.listen_address,
+            port=self.web.port,
+            targets=[t.url for t in self.config.targets],
+        )
+        scheduler = Scheduler(loop, on_max_instances=self.skipped_in_progress)
+        for name, rt in self._runtimes.items():
+            plan = rt.target.plan
+            delay = self._first_probe_delay
+            if delay is None:
+                # Spread targets so that they do not all probe at the same moment after a start.
+                delay = 1.0 + random.uniform(0, min(plan.jitter, 5.0))
+            scheduler.add(
+                f"discover:{name}", self.discover, name,
+                interval=plan.discovery_interval, jitter=0.0, first_delay=0.0,
+            )  # fmt: skip
+            scheduler.add(
+                f"probe:{name}", self.probe, name,
+                interval=plan.interval, jitter=plan.jitter, first_delay=delay,
+            )  # fmt: skip
+        scheduler.start()
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("exporter_stopping")
+            await scheduler.shutdown(SHUTDOWN_GRACE_SECONDS)
+            self.web.close()
+            for rt in self._runtimes.values():
+                await rt.client.aclose()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            log.info("exporter_stopped")

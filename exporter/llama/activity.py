@@ -1,0 +1,99 @@
+"""Is production traffic in flight? Read from `/slots`, or from `/metrics` as a fallback.
+
+`/slots` is the preferred source: reading it changes nothing on the server. Reading
+llama-server's `/metrics` resets its two throughput gauges (`llamacpp:prompt_tokens_seconds`,
+`llamacpp:predicted_tokens_seconds`) for every other scraper, so it is used only when `/slots`
+is disabled (`--no-slots`) and `/metrics` is enabled (`--metrics`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from exporter.llama.client import BAD_RESPONSE, NOT_SUPPORTED, LlamaClient, ServerError
+
+
+@dataclass(frozen=True)
+class Activity:
+    source: str  # "slots" or "metrics"
+    processing: int  # requests being processed, the probe's own included
+    deferred: int  # requests queued for a slot (known only from /metrics)
+    busy_slots: frozenset[int] | None  # which slots, when /slots says
+    # The id of each slot's current or last task, when /slots says: a changed id shows that a
+    # request ran in that slot since, even one too short for any poll to see it in flight.
+    tasks: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.processing == 0 and self.deferred == 0
+
+    def others_active(self, probe_slot: int) -> bool:
+        """True when a request other than the probe's own is in flight or waiting."""
+        if self.deferred > 0:
+            return True
+        if self.busy_slots is not None:
+            return bool(self.busy_slots - {probe_slot})
+        return self.processing > 1
+
+    def others_started_since(self, earlier: Activity, probe_slot: int) -> bool:
+        """True when a slot other than the probe's took a new task after `earlier` was read."""
+        if self.tasks is None or earlier.tasks is None:
+            return False
+        before = dict(earlier.tasks)
+        return any(task != before.get(slot) for slot, task in self.tasks if slot != probe_slot)
+
+
+def parse_slots(data: Any) -> Activity:
+    if not isinstance(data, list):
+        raise ServerError(BAD_RESPONSE, "/slots is not a JSON array")
+    try:
+        busy = frozenset(int(s["id"]) for s in data if s.get("is_processing"))
+        tasks = tuple((int(s["id"]), int(s["id_task"])) for s in data if "id_task" in s)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ServerError(BAD_RESPONSE, "/slots entries lack id or is_processing") from None
+    return Activity("slots", len(busy), 0, busy, tasks)
+
+
+def parse_metrics(text: str) -> Activity:
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("llamacpp:requests_"):
+            name, _, value = line.partition(" ")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                raise ServerError(BAD_RESPONSE, f"/metrics has a bad value for {name}") from None
+    if "llamacpp:requests_processing" not in values:
+        raise ServerError(BAD_RESPONSE, "/metrics lacks llamacpp:requests_processing")
+    return Activity(
+        "metrics",
+        int(values["llamacpp:requests_processing"]),
+        int(values.get("llamacpp:requests_deferred", 0)),
+        None,
+    )
+
+
+class ActivityReader:
+    """Remembers which source works, so a server without /slots is not asked every time."""
+
+    def __init__(self, client: LlamaClient) -> None:
+        self._client = client
+        self._slots_disabled = False
+
+    async def read(self, metrics_enabled: bool) -> Activity | None:
+        """The current activity, or None when the server offers no way to tell."""
+        if not self._slots_disabled:
+            try:
+                return parse_slots(await self._client.get_json("/slots"))
+            except ServerError as exc:
+                if exc.reason != NOT_SUPPORTED:
+                    raise
+                self._slots_disabled = True
+        if metrics_enabled:
+            return parse_metrics(await self._client.get_text("/metrics"))
+        return None
+
+    def reset(self) -> None:
+        """After a server restart its endpoints may have changed."""
+        self._slots_disabled = False

@@ -1,0 +1,79 @@
+"""What a llama-server is serving, from `/props` and `/v1/models`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+from exporter.llama.client import BAD_RESPONSE, LlamaClient, ServerError
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    model: str  # the label: the alias, or the file's stem when the alias is a path
+    model_alias: str
+    model_path: str
+    ctx: int  # per-slot context (llama-server's n_ctx_slot)
+    slots: int
+    quant: str
+    build: str
+    n_vocab: int
+    n_params: int | None
+    size_bytes: int | None
+    n_ctx_train: int | None
+    slots_endpoint: bool
+    metrics_endpoint: bool
+
+    @property
+    def identity(self) -> tuple[str, int]:
+        """Results measured under another identity are not comparable and are dropped."""
+        return (self.model, self.ctx)
+
+
+def model_label(alias: str) -> str:
+    """llama-server names a model by its `-m` path when no `--alias` is given; label its stem."""
+    if "/" in alias or "\\" in alias or alias.lower().endswith(".gguf"):
+        name = PurePath(alias.replace("\\", "/")).name
+        return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+    return alias
+
+
+def _opt_int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def parse_server_info(props: Any, models: Any) -> ServerInfo:
+    try:
+        if not isinstance(props, dict):
+            raise TypeError("/props is not a JSON object")
+        entry = models["data"][0] if isinstance(models, dict) and models.get("data") else {}
+        meta = entry.get("meta") or {}
+        alias = str(props.get("model_alias") or entry.get("id") or props.get("model_path", ""))
+        ctx = int(props["default_generation_settings"]["n_ctx"])
+        n_vocab = _opt_int(meta.get("n_vocab"))
+        if n_vocab is None or n_vocab <= 0:
+            raise ValueError("/v1/models carries no meta.n_vocab")
+        return ServerInfo(
+            model=model_label(alias) or "unknown",
+            model_alias=alias,
+            model_path=str(props.get("model_path", "")),
+            ctx=ctx,
+            slots=int(props.get("total_slots", 1)),
+            quant=str(props.get("model_ftype") or meta.get("ftype") or "unknown"),
+            build=str(props.get("build_info", "unknown")),
+            n_vocab=n_vocab,
+            n_params=_opt_int(meta.get("n_params")),
+            size_bytes=_opt_int(meta.get("size")),
+            n_ctx_train=_opt_int(meta.get("n_ctx_train")),
+            slots_endpoint=bool(props.get("endpoint_slots", True)),
+            metrics_endpoint=bool(props.get("endpoint_metrics", False)),
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise ServerError(BAD_RESPONSE, f"unexpected /props or /v1/models answer: {exc}") from None
+
+
+async def discover(client: LlamaClient) -> ServerInfo:
+    props = await client.get_json("/props")
+    models = await client.get_json("/v1/models")
+    return parse_server_info(props, models)

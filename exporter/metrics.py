@@ -1,0 +1,199 @@
+"""The metric catalogue: every name the exporter serves, its type, labels and meaning.
+
+The names are the public API (dashboards, rules and users depend on them), so they live in one
+place; collectors build their families from here and the README table is checked against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+MetricType = Literal["gauge", "counter"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # counters without the _total suffix, which the exposition adds
+    type: MetricType
+    labels: tuple[str, ...]
+    help: str
+
+    @property
+    def exposed_name(self) -> str:
+        return f"{self.name}_total" if self.type == "counter" else self.name
+
+    def family(self) -> GaugeMetricFamily | CounterMetricFamily:
+        if self.type == "counter":
+            return CounterMetricFamily(self.name, self.help, labels=self.labels)
+        return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
+
+SERIES: Final = ("target", "model", "ctx", "depth")
+PER_KIND: Final = ("target", "probe")
+_CACHED = (
+    "Cached from the last valid probe round; see llama_speed_probe_last_success_timestamp_seconds."
+)
+
+PROMPT_TPS = Metric(
+    "llama_speed_prompt_tokens_per_second",
+    "gauge",
+    SERIES,
+    f"Prompt processing speed: fresh prompt tokens per second, from server timings. {_CACHED}",
+)
+GENERATION_TPS = Metric(
+    "llama_speed_generation_tokens_per_second",
+    "gauge",
+    SERIES,
+    f"Token generation speed (predicted_per_second), from the server's timings. {_CACHED}",
+)
+TTFT = Metric(
+    "llama_speed_time_to_first_token_seconds",
+    "gauge",
+    SERIES,
+    f"Client-measured time from sending a prompt probe to its first streamed token. {_CACHED}",
+)
+PROMPT_TOKENS = Metric(
+    "llama_speed_probe_prompt_tokens",
+    "counter",
+    SERIES,
+    "Prompt tokens decoded by valid prompt probes (the server's prompt_n).",
+)
+PROMPT_SECONDS = Metric(
+    "llama_speed_probe_prompt_seconds",
+    "counter",
+    SERIES,
+    "Seconds the server spent on valid prompt probes (prompt_ms / 1000).",
+)
+GENERATED_TOKENS = Metric(
+    "llama_speed_probe_generated_tokens",
+    "counter",
+    SERIES,
+    "Timed generation steps of valid generation probes (predicted_n - 1).",
+)
+GENERATION_SECONDS = Metric(
+    "llama_speed_probe_generation_seconds",
+    "counter",
+    SERIES,
+    "Seconds the server spent generating in valid generation probes (predicted_ms / 1000).",
+)
+PROBE_SUCCESS = Metric(
+    "llama_speed_probe_success",
+    "gauge",
+    PER_KIND,
+    "1 if the last finished probe of this kind gave a valid sample, 0 if it failed.",
+)
+PROBE_DURATION = Metric(
+    "llama_speed_probe_duration_seconds",
+    "gauge",
+    PER_KIND,
+    "Wall-clock seconds of the last probe round's requests of this kind.",
+)
+PROBE_LAST_SUCCESS = Metric(
+    "llama_speed_probe_last_success_timestamp_seconds",
+    "gauge",
+    PER_KIND,
+    "Unix time of the last probe of this kind that gave a valid sample.",
+)
+PROBES = Metric(
+    "llama_speed_probes",
+    "counter",
+    PER_KIND,
+    "Probes started, whatever their outcome.",
+)
+PROBE_FAILURES = Metric(
+    "llama_speed_probe_failures",
+    "counter",
+    (*PER_KIND, "reason"),
+    "Probes that failed, by reason.",
+)
+PROBES_DISCARDED = Metric(
+    "llama_speed_probes_discarded",
+    "counter",
+    (*PER_KIND, "reason"),
+    "Probes whose sample was thrown away because production traffic overlapped them.",
+)
+PROBES_SKIPPED = Metric(
+    "llama_speed_probes_skipped",
+    "counter",
+    ("target", "reason"),
+    "Probe rounds (or depths) not started, by reason.",
+)
+DUTY_RATIO = Metric(
+    "llama_speed_probe_duty_ratio",
+    "gauge",
+    ("target",),
+    "Share of the trailing hour spent probing this target.",
+)
+DUTY_BUDGET = Metric(
+    "llama_speed_probe_duty_budget_ratio",
+    "gauge",
+    ("target",),
+    "Configured maximum share of wall time for probes; rounds past it are skipped.",
+)
+PROBE_INTERVAL = Metric(
+    "llama_speed_probe_interval_seconds",
+    "gauge",
+    ("target",),
+    "Configured seconds between probe rounds.",
+)
+SERVER_UP = Metric(
+    "llama_speed_server_up",
+    "gauge",
+    ("target",),
+    "1 if the last read of the server's /props and /v1/models succeeded.",
+)
+SERVER_INFO = Metric(
+    "llama_speed_server_info",
+    "gauge",
+    ("target", "model", "ctx", "quant", "build", "slots"),
+    "What the server is serving, from /props; always 1.",
+)
+MODEL_PARAMETERS = Metric(
+    "llama_speed_model_parameters",
+    "gauge",
+    ("target", "model"),
+    "Parameters of the served model (meta.n_params of /v1/models).",
+)
+MODEL_SIZE = Metric(
+    "llama_speed_model_size_bytes",
+    "gauge",
+    ("target", "model"),
+    "Size of the served model's weights in bytes (meta.size of /v1/models).",
+)
+MODEL_TRAIN_CTX = Metric(
+    "llama_speed_model_train_context_tokens",
+    "gauge",
+    ("target", "model"),
+    "Context length the model was trained for (meta.n_ctx_train of /v1/models).",
+)
+BUILD_INFO = Metric(
+    "llama_speed_exporter_build_info",
+    "gauge",
+    ("version", "python_version"),
+    "Version of llama-speed-exporter; always 1.",
+)
+COLLECTOR_SUCCESS = Metric(
+    "llama_speed_collector_success",
+    "gauge",
+    ("collector",),
+    "1 if the collector rendered its metrics on this scrape, 0 if it failed.",
+)
+COLLECTOR_DURATION = Metric(
+    "llama_speed_collector_duration_seconds",
+    "gauge",
+    ("collector",),
+    "Seconds the collector took on this scrape.",
+)
+
+CATALOGUE: Final[tuple[Metric, ...]] = (
+    PROMPT_TPS, GENERATION_TPS, TTFT,
+    PROMPT_TOKENS, PROMPT_SECONDS, GENERATED_TOKENS, GENERATION_SECONDS,
+    PROBE_SUCCESS, PROBE_DURATION, PROBE_LAST_SUCCESS,
+    PROBES, PROBE_FAILURES, PROBES_DISCARDED, PROBES_SKIPPED,
+    DUTY_RATIO, DUTY_BUDGET, PROBE_INTERVAL,
+    SERVER_UP, SERVER_INFO, MODEL_PARAMETERS, MODEL_SIZE, MODEL_TRAIN_CTX,
+    BUILD_INFO, COLLECTOR_SUCCESS, COLLECTOR_DURATION,
+)  # fmt: skip

@@ -1,0 +1,102 @@
+"""What one probe round produced: immutable values handed from the prober to the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from exporter.llama import client
+from exporter.llama.client import Timings
+from exporter.llama.discovery import ServerInfo
+
+Kind = Literal["prompt", "generation"]
+KINDS: Final[tuple[Kind, ...]] = ("prompt", "generation")
+
+# Skip reasons: the probe was not started.
+SKIP_BUSY: Final = "busy"
+SKIP_BUSY_UNKNOWN: Final = "busy_unknown"
+SKIP_DUTY_BUDGET: Final = "duty_budget"
+SKIP_DEPTH_EXCEEDS_CONTEXT: Final = "depth_exceeds_context"
+SKIP_IN_PROGRESS: Final = "in_progress"
+SKIP_REASONS: Final = (
+    SKIP_BUSY,
+    SKIP_BUSY_UNKNOWN,
+    SKIP_DUTY_BUDGET,
+    SKIP_DEPTH_EXCEEDS_CONTEXT,
+    SKIP_IN_PROGRESS,
+)
+
+# Discard reasons: the probe ran, but its sample is not a clean measurement.
+DISCARD_OVERLAP: Final = "overlap"
+
+# Failure reasons beyond the client's transport reasons: the server answered, but not with
+# what was asked for.
+INVALID_PROMPT_N: Final = "prompt_n_mismatch"
+INVALID_CACHE_N: Final = "cache_n_mismatch"
+INVALID_PREDICTED_N: Final = "predicted_n_mismatch"
+SLOT_OUT_OF_RANGE: Final = "slot_out_of_range"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One valid measurement, in the server's own timings."""
+
+    kind: Kind
+    depth: int
+    tokens: int  # prompt tokens decoded, or generation steps (predicted_n - 1)
+    seconds: float
+    time_to_first_token: float | None  # client-measured, prompt samples only
+    timings: Timings
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class KindOutcome:
+    """How one probe kind fared in a round."""
+
+    kind: Kind
+    samples: tuple[Sample, ...] = ()
+    failure: str | None = None  # the reason of the first failure, if any
+    discards: tuple[str, ...] = ()
+    duration: float = 0.0  # wall seconds of this kind's requests
+    attempted: bool = False
+
+    @property
+    def succeeded(self) -> bool:
+        return self.attempted and self.failure is None and bool(self.samples)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    target: str
+    started_at: float  # unix time
+    duration: float
+    server: ServerInfo | None
+    server_error: str | None = None  # why discovery failed, when it did
+    skips: tuple[str, ...] = ()
+    outcomes: dict[Kind, KindOutcome] = field(default_factory=dict)
+    detail: str = ""  # human-readable cause of the first failure or skip, for logs and "/"
+
+    @property
+    def samples(self) -> tuple[Sample, ...]:
+        return tuple(s for o in self.outcomes.values() for s in o.samples)
+
+
+DISCARD_REASONS: Final = (DISCARD_OVERLAP,)
+FAILURE_REASONS: Final = (
+    client.CONNECT,
+    client.TIMEOUT,
+    client.UNAUTHORIZED,
+    client.LOADING,
+    client.HTTP_ERROR,
+    client.BAD_RESPONSE,
+    client.CONTEXT_EXCEEDED,
+    client.NOT_SUPPORTED,
+    INVALID_PROMPT_N,
+    INVALID_CACHE_N,
+    INVALID_PREDICTED_N,
+    SLOT_OUT_OF_RANGE,
+)

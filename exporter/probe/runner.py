@@ -1,0 +1,293 @@
+"""One probe round against one llama-server: discover, check it is idle, measure, validate.
+
+A round measures, for each depth D of the plan (llama-bench's `@ dD`):
+
+* fill: D fresh tokens into the probe's slot (`cache_prompt: false`, so nothing is reused);
+* PP: the same D tokens plus N fresh ones with `cache_prompt: true`, so the server reuses the
+  D filled tokens and decodes exactly the N new ones (`cache_n == D`, `prompt_n == N`);
+* TG: the D tokens plus one fresh token, `n_predict: M`, `ignore_eos`, giving M-1 timed steps.
+
+At depth 0 there is no fill and both requests use `cache_prompt: false`. Speeds come from the
+server's own `timings`; the time to first token is the client's, over the streamed PP request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.config import ProbePlan
+from exporter.llama.activity import Activity, ActivityReader
+from exporter.llama.client import TIMEOUT, Completion, LlamaClient, ServerError
+from exporter.llama.discovery import ServerInfo, discover
+from exporter.probe.budget import DutyBudget
+from exporter.probe.results import (
+    DISCARD_OVERLAP,
+    INVALID_CACHE_N,
+    INVALID_PREDICTED_N,
+    INVALID_PROMPT_N,
+    KINDS,
+    SKIP_BUSY,
+    SKIP_BUSY_UNKNOWN,
+    SKIP_DEPTH_EXCEEDS_CONTEXT,
+    SKIP_DUTY_BUDGET,
+    SLOT_OUT_OF_RANGE,
+    Kind,
+    KindOutcome,
+    RoundResult,
+    Sample,
+)
+
+
+class _OverlapError(Exception):
+    """Production traffic ran beside the probe: its figures are not clean."""
+
+
+class _InvalidSampleError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class _KindLog:
+    samples: list[Sample] = field(default_factory=list)
+    failure: str | None = None
+    discards: list[str] = field(default_factory=list)
+    duration: float = 0.0
+    attempted: bool = False
+
+    def freeze(self, kind: Kind) -> KindOutcome:
+        return KindOutcome(
+            kind,
+            tuple(self.samples),
+            self.failure,
+            tuple(self.discards),
+            self.duration,
+            self.attempted,
+        )
+
+
+class ProbeRunner:
+    """Runs probe rounds for one target. Not re-entrant: the scheduler runs one at a time."""
+
+    def __init__(
+        self,
+        target: str,
+        client: LlamaClient,
+        plan: ProbePlan,
+        *,
+        overlap_poll_interval: float = 0.5,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.target = target
+        self.plan = plan
+        self._client = client
+        self._activity = ActivityReader(client)
+        self._budget = DutyBudget(plan.duty_budget, max(3600.0, plan.interval))
+        self._poll = overlap_poll_interval
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._wall = wall_clock
+        self.last_server: ServerInfo | None = None
+
+    def duty_ratio(self) -> float:
+        return self._budget.used(self._clock())
+
+    async def refresh(self) -> ServerInfo:
+        """Read /props and /v1/models; raises ServerError."""
+        info = await discover(self._client)
+        if self.last_server is None or info.identity != self.last_server.identity:
+            self._activity.reset()
+        self.last_server = info
+        return info
+
+    async def run_round(self, *, ignore_budget: bool = False) -> RoundResult:
+        started_wall, started = self._wall(), self._clock()
+        if not ignore_budget and not self._budget.allows(started):
+            return RoundResult(
+                self.target,
+                started_wall,
+                0.0,
+                None,
+                skips=(SKIP_DUTY_BUDGET,),
+                detail=f"probes used {self.duty_ratio():.1%} of the last hour",
+            )
+        logs: dict[Kind, _KindLog] = {k: _KindLog() for k in KINDS}
+        skips: list[str] = []
+        info: ServerInfo | None = None
+        server_error: str | None = None
+        detail = ""
+        try:
+            async with asyncio.timeout(self.plan.timeout):
+                info = await self.refresh()
+                skip, detail = await self._precheck(info)
+                if skip is not None:
+                    skips.append(skip)
+                else:
+                    detail = await self._measure(info, logs, skips)
+        except TimeoutError:
+            detail = f"probe round exceeded its {self.plan.timeout:g} s timeout"
+            server_error = TIMEOUT if info is None else None
+            self._fail_all(logs, TIMEOUT)
+        except ServerError as exc:
+            detail = exc.detail
+            server_error = exc.reason if info is None else None
+            self._fail_all(logs, exc.reason)
+        duration = self._clock() - started
+        self._budget.record(self._clock(), duration)
+        return RoundResult(
+            self.target,
+            started_wall,
+            duration,
+            info,
+            server_error=server_error,
+            skips=tuple(skips),
+            outcomes={k: logs[k].freeze(k) for k in KINDS if logs[k].attempted},
+            detail=detail,
+        )
+
+    @staticmethod
+    def _fail_all(logs: dict[Kind, _KindLog], reason: str) -> None:
+        """A round that breaks off fails every kind: none of them got a trustworthy sample."""
+        for log in logs.values():
+            log.attempted = True
+            log.failure = log.failure or reason
+
+    async def _precheck(self, info: ServerInfo) -> tuple[str | None, str]:
+        activity = await self._activity.read(info.metrics_endpoint)
+        if activity is None:
+            if self.plan.require_busy_check:
+                return SKIP_BUSY_UNKNOWN, "server has /slots disabled and /metrics off"
+            return None, ""
+        if not activity.idle:
+            return SKIP_BUSY, f"{activity.processing + activity.deferred} requests in flight"
+        return None, ""
+
+    def _probe_slot(self, info: ServerInfo) -> int:
+        slot = self.plan.slot if self.plan.slot is not None else info.slots - 1
+        if slot >= info.slots:
+            raise ServerError(
+                SLOT_OUT_OF_RANGE, f"probe slot {slot} but the server has {info.slots} slots"
+            )
+        return slot
+
+    async def _measure(self, info: ServerInfo, logs: dict[Kind, _KindLog], skips: list[str]) -> str:
+        slot = self._probe_slot(info)
+        n_prompt, n_gen = self.plan.prompt_tokens, self.plan.generation_tokens
+        detail = ""
+        for depth in self.plan.depths:
+            # The server refuses a prompt that fills the slot, and stops generating at its end.
+            if depth + max(n_prompt, n_gen + 1) + 1 > info.ctx:
+                skips.append(SKIP_DEPTH_EXCEEDS_CONTEXT)
+                detail = f"depth {depth} does not fit in ctx {info.ctx}"
+                continue
+            prefix = self._fresh(info, depth)
+            if depth > 0:
+                # The fill is not timed: only the new tokens on top of it are measured.
+                fill = self._body(prefix, 1, cache=False, slot=slot)
+                try:
+                    await self._guarded(self._client.complete(fill, self.plan.timeout), slot, info)
+                except _OverlapError:
+                    logs["prompt"].attempted = True
+                    logs["prompt"].discards.append(DISCARD_OVERLAP)
+                    return "production request overlapped the depth fill; round abandoned"
+            for _ in range(self.plan.repetitions):
+                for kind in KINDS:
+                    log = logs[kind]
+                    log.attempted = True
+                    began = self._clock()
+                    try:
+                        log.samples.append(await self._sample(kind, info, prefix, slot))
+                    except _OverlapError:
+                        log.discards.append(DISCARD_OVERLAP)
+                        return "production request overlapped the probe; sample discarded"
+                    except _InvalidSampleError as exc:
+                        log.failure = log.failure or exc.reason
+                        detail = str(exc)
+                    finally:
+                        log.duration += self._clock() - began
+        return detail
+
+    async def _sample(self, kind: Kind, info: ServerInfo, prefix: list[int], slot: int) -> Sample:
+        depth = len(prefix)
+        cache = depth > 0
+        if kind == "prompt":
+            n = self.plan.prompt_tokens
+            body = self._body(prefix + self._fresh(info, n), 1, cache=cache, slot=slot)
+            done = await self._guarded(self._client.complete(body, self.plan.timeout), slot, info)
+            t = done.timings
+            _expect(INVALID_PROMPT_N, "prompt_n", t.prompt_n, n)
+            _expect(INVALID_CACHE_N, "cache_n", t.cache_n, depth)
+            return Sample(kind, depth, t.prompt_n, t.prompt_ms / 1000, done.first_chunk_seconds, t)
+        m = self.plan.generation_tokens
+        body = self._body(prefix + self._fresh(info, 1), m, cache=cache, slot=slot)
+        done = await self._guarded(self._client.complete(body, self.plan.timeout), slot, info)
+        t = done.timings
+        _expect(INVALID_PROMPT_N, "prompt_n", t.prompt_n, 1)
+        _expect(INVALID_CACHE_N, "cache_n", t.cache_n, depth)
+        _expect(INVALID_PREDICTED_N, "predicted_n", t.predicted_n, m)
+        # predicted_ms covers the steps after the first token, which comes with the prompt.
+        return Sample(kind, depth, t.predicted_n - 1, t.predicted_ms / 1000, None, t)
+
+    async def _guarded(
+        self, request: Awaitable[Completion], slot: int, info: ServerInfo
+    ) -> Completion:
+        """Run a request while watching for production traffic; abort it if some arrives."""
+        before = await self._activity.read(info.metrics_endpoint)
+        task = asyncio.ensure_future(request)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._poll)
+                if done:
+                    break
+                if self._others_active(await self._activity.read(info.metrics_endpoint), slot):
+                    raise _OverlapError
+            result = task.result()
+            # A request that came after the last poll, or came and went between two polls,
+            # shared batches with the probe: its slot is still busy or shows a new task id.
+            after = await self._activity.read(info.metrics_endpoint)
+            if self._others_active(after, slot) or (
+                after is not None
+                and before is not None
+                and after.others_started_since(before, slot)
+            ):
+                raise _OverlapError
+            return result
+        finally:
+            if not task.done():
+                # Closing the stream makes llama-server drop the task: production stops waiting.
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    @staticmethod
+    def _others_active(activity: Activity | None, slot: int) -> bool:
+        return activity is not None and activity.others_active(slot)
+
+    def _fresh(self, info: ServerInfo, count: int) -> list[int]:
+        # Random ids as llama-bench draws them: never seen before, so no cache can serve them.
+        return [self._rng.randrange(info.n_vocab) for _ in range(count)]
+
+    @staticmethod
+    def _body(tokens: list[int], n_predict: int, *, cache: bool, slot: int) -> dict[str, Any]:
+        return {
+            "prompt": tokens,
+            "n_predict": n_predict,
+            "cache_prompt": cache,
+            "id_slot": slot,
+            "ignore_eos": True,
+            "temperature": 0,
+            "samplers": ["top_k"],
+            "top_k": 1,
+        }
+
+
+def _expect(reason: str, name: str, got: int, want: int) -> None:
+    if got != want:
+        raise _InvalidSampleError(reason, f"server reported {name}={got}, probe asked for {want}")

@@ -1,0 +1,140 @@
+"""The latest probe results per target, written by the prober and read at scrape time.
+
+The prober (asyncio thread) calls `record_*`; collectors (HTTP threads) call `snapshot`. A lock
+guards every access and snapshots are deep copies, so a scrape never sees half a round.
+Series are keyed by the server's identity (model, ctx): when it changes, the old label sets
+are dropped, so they disappear from /metrics instead of lingering.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+from exporter.llama.discovery import ServerInfo
+from exporter.probe.results import KINDS, Kind, RoundResult
+
+
+@dataclass
+class KindState:
+    attempts: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    discards: Counter[str] = field(default_factory=Counter)
+    success: bool | None = None  # None until a probe of this kind has finished
+    last_failure: str | None = None
+    duration: float | None = None
+    last_success_time: float | None = None
+
+
+@dataclass
+class SeriesState:
+    """Figures for one (model, ctx, depth) label set."""
+
+    prompt_tokens_per_second: float | None = None
+    generation_tokens_per_second: float | None = None
+    time_to_first_token: float | None = None
+    prompt_tokens: float = 0.0
+    prompt_seconds: float = 0.0
+    generated_tokens: float = 0.0
+    generation_seconds: float = 0.0
+
+
+@dataclass
+class TargetState:
+    name: str
+    url: str
+    up: bool = False
+    server: ServerInfo | None = None  # the last server seen; kept while it is down
+    server_error: str | None = None
+    series: dict[int, SeriesState] = field(default_factory=dict)  # by depth
+    kinds: dict[Kind, KindState] = field(default_factory=lambda: {k: KindState() for k in KINDS})
+    skips: Counter[str] = field(default_factory=Counter)
+    rounds: int = 0
+    duty_ratio: float = 0.0
+    last_round: RoundResult | None = None
+
+
+class Store:
+    def __init__(self, targets: list[tuple[str, str]]) -> None:
+        self._lock = threading.Lock()
+        self._targets = {name: TargetState(name, url) for name, url in targets}
+
+    def snapshot(self) -> list[TargetState]:
+        with self._lock:
+            return copy.deepcopy(list(self._targets.values()))
+
+    def record_discovery(self, target: str, server: ServerInfo | None, error: str | None) -> None:
+        with self._lock:
+            self._apply_discovery(self._targets[target], server, error)
+
+    def record_skip(self, target: str, reason: str) -> None:
+        with self._lock:
+            self._targets[target].skips[reason] += 1
+
+    def record_duty(self, target: str, ratio: float) -> None:
+        with self._lock:
+            self._targets[target].duty_ratio = ratio
+
+    def record_round(self, result: RoundResult) -> None:
+        with self._lock:
+            state = self._targets[result.target]
+            if result.server is not None or result.server_error is not None:
+                self._apply_discovery(state, result.server, result.server_error)
+            state.rounds += 1
+            state.last_round = result
+            for reason in result.skips:
+                state.skips[reason] += 1
+            for kind, outcome in result.outcomes.items():
+                ks = state.kinds[kind]
+                ks.attempts += 1
+                ks.duration = outcome.duration
+                for reason in outcome.discards:
+                    ks.discards[reason] += 1
+                if outcome.failure is not None:
+                    ks.failures[outcome.failure] += 1
+                    ks.success = False
+                    ks.last_failure = outcome.failure
+                elif outcome.samples:
+                    ks.success = True
+                    ks.last_success_time = result.started_at + result.duration
+                # A round whose only sample was discarded says nothing about success.
+            self._apply_samples(state, result)
+
+    @staticmethod
+    def _apply_discovery(state: TargetState, server: ServerInfo | None, error: str | None) -> None:
+        state.up = server is not None and error is None
+        state.server_error = error
+        if server is None:
+            return
+        if state.server is not None and state.server.identity != server.identity:
+            state.series.clear()  # another model or ctx: the old figures no longer describe it
+        state.server = server
+
+    @staticmethod
+    def _apply_samples(state: TargetState, result: RoundResult) -> None:
+        by_depth: dict[int, list[tuple[Kind, float, float, float | None]]] = {}
+        for s in result.samples:
+            by_depth.setdefault(s.depth, []).append(
+                (s.kind, s.tokens, s.seconds, s.time_to_first_token)
+            )
+        for depth, rows in by_depth.items():
+            series = state.series.setdefault(depth, SeriesState())
+            for kind in KINDS:
+                tokens = sum(r[1] for r in rows if r[0] == kind)
+                seconds = sum(r[2] for r in rows if r[0] == kind)
+                if seconds <= 0:
+                    continue
+                # The round's figure is token-weighted over its repetitions, like the counters.
+                if kind == "prompt":
+                    series.prompt_tokens += tokens
+                    series.prompt_seconds += seconds
+                    series.prompt_tokens_per_second = tokens / seconds
+                else:
+                    series.generated_tokens += tokens
+                    series.generation_seconds += seconds
+                    series.generation_tokens_per_second = tokens / seconds
+            ttfts = [r[3] for r in rows if r[3] is not None]
+            if ttfts:
+                series.time_to_first_token = sum(ttfts) / len(ttfts)

@@ -1,0 +1,133 @@
+"""The HTTP endpoint: `/metrics`, `/healthz` and a landing page at `/`."""
+
+from __future__ import annotations
+
+import html
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import structlog
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from exporter import __version__
+from exporter.state import TargetState
+
+log = structlog.get_logger(__name__)
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:,.1f}{unit}"
+
+
+def landing_page(targets: list[TargetState], telemetry_path: str, now: float) -> str:
+    rows = []
+    for t in targets:
+        s = t.server
+        last = t.last_round
+        when = f"{now - last.started_at:.0f} s ago" if last else "not yet"
+        outcome = "-"
+        if last is not None:
+            outcome = ", ".join(last.skips) or "ok"
+            failures = [o.failure for o in last.outcomes.values() if o.failure]
+            if failures:
+                outcome = f"failed: {failures[0]}"
+            if last.detail:
+                outcome += f" ({last.detail})"
+        speeds = "".join(
+            f"<li>depth {depth}: PP {_fmt(x.prompt_tokens_per_second)} t/s, "
+            f"TG {_fmt(x.generation_tokens_per_second)} t/s, "
+            f"TTFT {_fmt(None if x.time_to_first_token is None else x.time_to_first_token * 1e3)}"
+            " ms</li>"
+            for depth, x in sorted(t.series.items())
+        )
+        rows.append(
+            "<tr>"
+            f"<td>{html.escape(t.name)}</td><td>{html.escape(t.url)}</td>"
+            f"<td>{'up' if t.up else 'down'}</td>"
+            f"<td>{html.escape(s.model) if s else '-'}</td><td>{s.ctx if s else '-'}</td>"
+            f"<td><ul>{speeds}</ul></td><td>{when}</td><td>{html.escape(outcome)}</td>"
+            "</tr>"
+        )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<title>llama-speed-exporter</title></head><body>"
+        f"<h1>llama-speed-exporter {html.escape(__version__)}</h1>"
+        f"<p><a href='{html.escape(telemetry_path)}'>Metrics</a> · "
+        "<a href='/healthz'>Health</a></p>"
+        "<table border='1' cellpadding='4'><tr><th>Target</th><th>URL</th><th>Server</th>"
+        "<th>Model</th><th>ctx</th><th>Last results</th><th>Last round</th><th>Outcome</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )
+
+
+def make_app(
+    registry: CollectorRegistry,
+    snapshot: Callable[[], list[TargetState]],
+    telemetry_path: str = "/metrics",
+    clock: Callable[[], float] = time.time,
+) -> WsgiApp:
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == telemetry_path:
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"ok\n"]
+        if path == "/":
+            body = landing_page(snapshot(), telemetry_path, clock()).encode()
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found\n"]
+
+    return app
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would flood the log; errors are logged by the app."""
+
+
+class WebServer:
+    """Serves the app on a background thread; `close` stops it."""
+
+    def __init__(self, app: WsgiApp, host: str, port: int) -> None:
+        server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
+        self._server = make_server(
+            host, port, app, server_class=server_class, handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="web", kwargs={"poll_interval": 0.2}
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

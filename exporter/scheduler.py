@@ -40,6 +40,9 @@ class Scheduler:
             self._running.add(task)
             try:
                 await func(arg)
+            except asyncio.CancelledError:
+                # Shutdown cancels in-flight jobs on purpose; ending quietly is their success.
+                return
             finally:
                 self._running.discard(task)
 
@@ -63,9 +66,10 @@ class Scheduler:
 
     async def shutdown(self, grace: float) -> None:
         """Stop scheduling, cancel running jobs and give them `grace` seconds to unwind."""
-        self._scheduler.shutdown(wait=False)
+        self._scheduler.pause()
         running = set(self._running)
         for task in running:
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=grace)
+        self._scheduler.shutdown(wait=False)

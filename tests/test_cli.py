@@ -1,0 +1,196 @@
+"""The installed command: `probe` once, and `run` as a process that stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from exporter.llama.server_process import free_port
+from tests.conftest import StartServer
+from tests.daemon_harness import sample
+
+EXPORTER = [sys.executable, "-m", "exporter"]
+FAST = [
+    "--probe-interval", "2", "--probe-timeout", "1.5", "--probe-jitter", "0",
+    "--probe-discovery-interval", "1", "--probe-prompt-tokens", "128",
+    "--probe-generation-tokens", "16", "--probe-duty-budget", "1",
+]  # fmt: skip
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_SPEED_")}
+
+
+@pytest.mark.real_server
+def test_probe_command_prints_a_table_and_json(llama_server: StartServer) -> None:
+    server = llama_server()
+    args = [*EXPORTER, "probe", "--target", server.url, "--probe-depths", "0,512"]
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=60, env=clean_env(), check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pp512" in done.stdout and "tg128 @ d512" in done.stdout
+    assert "status: ok" in done.stdout
+
+    done = subprocess.run(
+        [*args, "--json"], capture_output=True, text=True, timeout=60, env=clean_env(), check=False
+    )
+    assert done.returncode == 0, done.stderr
+    (report,) = json.loads(done.stdout)
+    assert report["ok"] is True and report["model"] == "tiny"
+    assert {(s["kind"], s["depth"]) for s in report["samples"]} == {
+        ("prompt", 0), ("generation", 0), ("prompt", 512), ("generation", 512),
+    }  # fmt: skip
+
+
+def test_probe_command_fails_with_reason_when_server_is_absent() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [*EXPORTER, "probe", "--target", url], capture_output=True, text=True, timeout=60,
+        env=clean_env(), check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "server unavailable" in done.stdout
+    assert "prompt: connect" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+@contextmanager
+def exporter_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*EXPORTER, "run", "--web.listen-address", f"127.0.0.1:{port}", "--log-format", "json",
+         *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(proc.communicate()[1]) from None
+                time.sleep(0.05)  # polling for the port to open, within the deadline
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def scrape_until(base: str, name: str, value: float, timeout: float = 30, **labels: str) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+        if sample(text, name, **labels) == value:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(text)
+        time.sleep(0.1)
+
+
+def stop_within(proc: subprocess.Popen[str], seconds: float) -> tuple[int, str]:
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=seconds + 5)
+    assert time.monotonic() - started < seconds, "did not stop in time"
+    return proc.returncode, err
+
+
+@pytest.mark.real_server
+def test_daemon_scrape_passes_promtool_and_stops_on_sigterm(llama_server: StartServer) -> None:
+    server = llama_server("--metrics")
+    with exporter_process("--target", server.url, *FAST) as (proc, base):
+        text = scrape_until(base, "llama_speed_probe_success", 1.0, probe="generation")
+        promtool = shutil.which("promtool")
+        if promtool is None and os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (Debian package prometheus)")
+        if promtool is not None:
+            check = subprocess.run(
+                [promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+                check=False,
+            )  # fmt: skip
+            assert (check.returncode, check.stdout + check.stderr) == (0, "")
+        code, err = stop_within(proc, 5)
+    assert code == 0
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    rounds = [e for e in events if e["event"] == "probe_round" and "pp_d0_tps" in e]
+    assert rounds and rounds[0]["model"] == "tiny" and rounds[0]["tg_d0_tps"] > 0
+    assert events[-1]["event"] == "exporter_stopped"
+
+
+class HangingServer:
+    """Accepts connections and never answers: a llama-server stuck in the middle of a probe."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.accepted = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.accepted.set()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def test_sigterm_ends_an_in_flight_probe_within_5_seconds() -> None:
+    hanging = HangingServer()
+    try:
+        with exporter_process("--target", hanging.url, "--probe-timeout", "60") as (proc, base):
+            assert hanging.accepted.wait(30)  # a request is now in flight, and will never end
+            assert httpx.get(f"{base}/metrics", timeout=5).status_code == 200
+            code, err = stop_within(proc, 5)
+        assert code == 0
+        assert "exporter_stopped" in err
+        assert "Traceback" not in err
+    finally:
+        hanging.close()
+
+
+def test_busy_port_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*EXPORTER, "run", "--web.listen-address", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60, env=clean_env(), check=False,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot_listen" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_version() -> None:
+    done = subprocess.run([*EXPORTER, "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("llama-speed-exporter ")

@@ -149,7 +149,8 @@ class FakeLlama:
                 cached += 1
             cached = min(cached, len(prompt) - 1)  # the last token is always re-evaluated
         n_predict = int(body["n_predict"])
-        self.slot_tokens[slot] = list(prompt)
+        # Like llama-server: the last generated token is sampled but never decoded into the slot.
+        self.slot_tokens[slot] = list(prompt) + [self.n_vocab - 1] * max(n_predict - 1, 0)
         prompt_n = len(prompt) - cached
         timings = {
             "cache_n": cached,
@@ -162,7 +163,9 @@ class FakeLlama:
             self.tamper(timings)
         final = copy.deepcopy(_final_chunk_template())
         final.update(id_slot=slot, tokens_predicted=n_predict, timings=timings)
-        token = {"index": 0, "content": "9", "tokens": [60], "stop": False, "id_slot": -1}
+        token = {
+            "index": 0, "content": "9", "tokens": [self.n_vocab - 1], "stop": False, "id_slot": -1,
+        }  # fmt: skip
         events = [token] * n_predict + [final]
         text = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
         return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})

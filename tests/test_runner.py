@@ -25,7 +25,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def plan(**changes: Any) -> ProbePlan:
-    base = dataclasses.replace(resolve_plan([]), prompt_tokens=64, generation_tokens=16)
+    base = dataclasses.replace(
+        resolve_plan([]), prompt_tokens=64, generation_tokens=16, warmup=False, repetitions=1
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -69,6 +71,15 @@ def test_pp_and_tg_requests_are_fresh_pinned_and_exact() -> None:
     assert result.server is not None and result.server.model == "Tiny-Model.Q8_0"
 
 
+def test_warmup_request_comes_first_and_is_not_measured() -> None:
+    fake = FakeLlama()
+    result = run(one_round(fake, plan(warmup=True)))
+    warm, pp, _tg = completions(fake)
+    assert len(warm["prompt"]) == 64 and warm["n_predict"] == 2 and warm["cache_prompt"] is False
+    assert warm["prompt"] != pp["prompt"]
+    assert len(result.samples) == 2
+
+
 def test_fresh_tokens_differ_between_rounds() -> None:
     fake = FakeLlama()
 
@@ -98,6 +109,15 @@ def test_depth_fills_once_then_measures_only_new_tokens() -> None:
     for s in deep:
         assert s.timings.cache_n == 1024
     assert [s.timings.prompt_n for s in deep if s.kind == "prompt"] == [64, 64]
+
+
+def test_fresh_tokens_never_extend_the_cached_prefix_by_chance() -> None:
+    # With 3 token ids, a fresh token equal to what the slot holds after the prefix would be
+    # common: the server would then reuse it and decode one token fewer than asked.
+    fake = FakeLlama(n_vocab=3)
+    result = run(one_round(fake, plan(depths=(8,), repetitions=12)))
+    assert all(o.failure is None for o in result.outcomes.values())
+    assert len(result.samples) == 24
 
 
 def test_depth_past_context_is_skipped_not_sent() -> None:
@@ -168,9 +188,10 @@ def test_duty_budget_skips_rounds_past_the_share() -> None:
 
     async def rounds() -> list[RoundResult]:
         client = LlamaClient("http://llama", transport=fake.transport())
-        runner = ProbeRunner("t", client, plan(duty_budget=0.01), clock=clock)
+        runner = ProbeRunner("t", client, plan(duty_budget=0.02), clock=clock)
         results = []
-        # Each round "takes" 30 s of the fake clock: 36 s is 1% of an hour.
+        # Each round "takes" 30 s of the fake clock; 2% of an hour is 72 s. A round runs only
+        # if the time already spent plus what the last round took still fits.
         original = runner._client.complete
 
         async def slow(body: dict[str, Any], timeout: float) -> Any:

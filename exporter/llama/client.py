@@ -148,7 +148,7 @@ class LlamaClient:
             ) as response:
                 if response.status_code != 200:
                     raise _error_from_response(response.status_code, await response.aread())
-                async for chunk in _sse_events(response.aiter_lines()):
+                async for chunk in _sse_events(response.aiter_bytes()):
                     if "error" in chunk:
                         raise _error_from_response(
                             int(chunk["error"].get("code", 500)), json.dumps(chunk).encode()
@@ -168,8 +168,23 @@ class LlamaClient:
         return Completion(Timings.parse(final["timings"]), first or total, total)
 
 
-async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
-    async for line in lines:
+async def _sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Split on LF only. httpx's aiter_lines splits like str.splitlines, which also breaks at
+    U+0085 and U+2028: characters JSON leaves unescaped and a detokenized prompt can hold."""
+    pending: list[bytes] = []  # pieces of a line not yet ended: a deep probe's final event
+    async for chunk in chunks:  # carries the whole prompt as text, megabytes long
+        *ended, rest = chunk.split(b"\n")
+        for piece in ended:
+            yield b"".join([*pending, piece]).rstrip(b"\r")
+            pending.clear()
+        pending.append(rest)
+    if any(pending):
+        yield b"".join(pending)
+
+
+async def _sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    async for raw in _sse_lines(chunks):
+        line = raw.decode("utf-8", errors="replace")
         if not line.startswith("data:"):
             continue
         payload = line[5:].strip()

@@ -22,5 +22,6 @@ class DutyBudget:
             self._spans.popleft()
         return sum(seconds for _, seconds in self._spans) / self.window
 
-    def allows(self, now: float) -> bool:
-        return self.used(now) < self.share
+    def allows(self, now: float, expected: float) -> bool:
+        """Whether a round expected to take `expected` seconds still fits in the budget."""
+        return self.used(now) + expected / self.window <= self.share

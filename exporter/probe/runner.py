@@ -96,6 +96,11 @@ class ProbeRunner:
         self._clock = clock
         self._wall = wall_clock
         self.last_server: ServerInfo | None = None
+        self._last_duration = 0.0  # what the next round is expected to take
+        # The token the probe slot holds right after the depth prefix. The next request's first
+        # fresh token must differ from it, or the server would reuse one token more than the
+        # prefix and decode one fewer: a tiny vocabulary makes that collision common.
+        self._after_prefix: int | None = None
 
     def duty_ratio(self) -> float:
         return self._budget.used(self._clock())
@@ -110,7 +115,7 @@ class ProbeRunner:
 
     async def run_round(self, *, ignore_budget: bool = False) -> RoundResult:
         started_wall, started = self._wall(), self._clock()
-        if not ignore_budget and not self._budget.allows(started):
+        if not ignore_budget and not self._budget.allows(started, self._last_duration):
             return RoundResult(
                 self.target,
                 started_wall,
@@ -142,6 +147,7 @@ class ProbeRunner:
             self._fail_all(logs, exc.reason)
         duration = self._clock() - started
         self._budget.record(self._clock(), duration)
+        self._last_duration = duration
         return RoundResult(
             self.target,
             started_wall,
@@ -182,52 +188,64 @@ class ProbeRunner:
         slot = self._probe_slot(info)
         n_prompt, n_gen = self.plan.prompt_tokens, self.plan.generation_tokens
         detail = ""
-        for depth in self.plan.depths:
-            # The server refuses a prompt that fills the slot, and stops generating at its end.
-            if depth + max(n_prompt, n_gen + 1) + 1 > info.ctx:
-                skips.append(SKIP_DEPTH_EXCEEDS_CONTEXT)
-                detail = f"depth {depth} does not fit in ctx {info.ctx}"
-                continue
-            prefix = self._fresh(info, depth)
-            if depth > 0:
-                # The fill is not timed: only the new tokens on top of it are measured.
-                fill = self._body(prefix, 1, cache=False, slot=slot)
-                try:
-                    await self._guarded(self._client.complete(fill, self.plan.timeout), slot, info)
-                except _OverlapError:
-                    logs["prompt"].attempted = True
-                    logs["prompt"].discards.append(DISCARD_OVERLAP)
-                    return "production request overlapped the depth fill; round abandoned"
-            for _ in range(self.plan.repetitions):
-                for kind in KINDS:
-                    log = logs[kind]
-                    log.attempted = True
-                    began = self._clock()
-                    try:
-                        log.samples.append(await self._sample(kind, info, prefix, slot))
-                    except _OverlapError:
-                        log.discards.append(DISCARD_OVERLAP)
-                        return "production request overlapped the probe; sample discarded"
-                    except _InvalidSampleError as exc:
-                        log.failure = log.failure or exc.reason
-                        detail = str(exc)
-                    finally:
-                        log.duration += self._clock() - began
+        at_risk: Kind = "prompt"  # the kind whose sample an overlap would spoil
+        try:
+            if self.plan.warmup and n_prompt + 2 < info.ctx:
+                # Like llama-bench's warm-up run: the first request after a pause pays for cold
+                # caches and clocks, which is noise, not the server's speed.
+                await self._unmeasured(self._fresh(info, n_prompt), 2, slot, info)
+            for depth in self.plan.depths:
+                # The server refuses a prompt that fills the slot, and stops generating at its end.
+                if depth + max(n_prompt, n_gen + 1) + 1 > info.ctx:
+                    skips.append(SKIP_DEPTH_EXCEEDS_CONTEXT)
+                    detail = f"depth {depth} does not fit in ctx {info.ctx}"
+                    continue
+                prefix = self._fresh(info, depth)
+                if depth > 0:
+                    # The fill is not timed: only the new tokens on top of it are measured.
+                    at_risk = "prompt"
+                    await self._unmeasured(prefix, 1, slot, info)
+                    # Its one sampled token is never decoded: the slot ends at the prefix.
+                    self._after_prefix = None
+                for _ in range(self.plan.repetitions):
+                    for kind in KINDS:
+                        at_risk = kind
+                        log = logs[kind]
+                        log.attempted = True
+                        began = self._clock()
+                        try:
+                            log.samples.append(await self._sample(kind, info, prefix, slot))
+                        except _InvalidSampleError as exc:
+                            log.failure = log.failure or exc.reason
+                            detail = str(exc)
+                        finally:
+                            log.duration += self._clock() - began
+        except _OverlapError:
+            logs[at_risk].attempted = True
+            logs[at_risk].discards.append(DISCARD_OVERLAP)
+            return "a production request overlapped the probe; sample discarded, round ended"
         return detail
+
+    async def _unmeasured(
+        self, tokens: list[int], n_predict: int, slot: int, info: ServerInfo
+    ) -> None:
+        """A request whose timings are not used (warm-up, depth fill); may raise _OverlapError."""
+        body = self._body(tokens, n_predict, cache=False, slot=slot)
+        await self._guarded(self._client.complete(body, self.plan.timeout), slot, info)
 
     async def _sample(self, kind: Kind, info: ServerInfo, prefix: list[int], slot: int) -> Sample:
         depth = len(prefix)
         cache = depth > 0
         if kind == "prompt":
             n = self.plan.prompt_tokens
-            body = self._body(prefix + self._fresh(info, n), 1, cache=cache, slot=slot)
+            body = self._body(prefix + self._suffix(info, n), 1, cache=cache, slot=slot)
             done = await self._guarded(self._client.complete(body, self.plan.timeout), slot, info)
             t = done.timings
             _expect(INVALID_PROMPT_N, "prompt_n", t.prompt_n, n)
             _expect(INVALID_CACHE_N, "cache_n", t.cache_n, depth)
             return Sample(kind, depth, t.prompt_n, t.prompt_ms / 1000, done.first_chunk_seconds, t)
         m = self.plan.generation_tokens
-        body = self._body(prefix + self._fresh(info, 1), m, cache=cache, slot=slot)
+        body = self._body(prefix + self._suffix(info, 1), m, cache=cache, slot=slot)
         done = await self._guarded(self._client.complete(body, self.plan.timeout), slot, info)
         t = done.timings
         _expect(INVALID_PROMPT_N, "prompt_n", t.prompt_n, 1)
@@ -269,6 +287,14 @@ class ProbeRunner:
     @staticmethod
     def _others_active(activity: Activity | None, slot: int) -> bool:
         return activity is not None and activity.others_active(slot)
+
+    def _suffix(self, info: ServerInfo, count: int) -> list[int]:
+        """Fresh tokens to follow the prefix, never starting as the slot's current suffix does."""
+        tokens = self._fresh(info, count)
+        while info.n_vocab > 1 and tokens[0] == self._after_prefix:
+            tokens[0] = self._rng.randrange(info.n_vocab)
+        self._after_prefix = tokens[0]
+        return tokens
 
     def _fresh(self, info: ServerInfo, count: int) -> list[int]:
         # Random ids as llama-bench draws them: never seen before, so no cache can serve them.

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from exporter import __version__, log
 from exporter.config import ENV_PREFIX, Config, ConfigError, load_config
 from exporter.daemon import Daemon
 from exporter.llama.client import LlamaClient
-from exporter.probe.results import RoundResult
+from exporter.probe.results import RoundResult, Sample
 from exporter.probe.runner import ProbeRunner
 
 PROG = "llama-speed-exporter"
@@ -176,6 +177,7 @@ def result_json(result: RoundResult) -> dict[str, Any]:
 
 
 def table(results: list[RoundResult]) -> str:
+    """llama-bench's layout: one row per test, mean and sample standard deviation over reps."""
     lines = []
     for r in results:
         server = r.server
@@ -184,17 +186,26 @@ def table(results: list[RoundResult]) -> str:
             if server
             else "server unavailable"
         )
-        lines += [head, f"{'test':<16}{'t/s':>12}{'TTFT ms':>10}"]
+        lines += [head, f"{'test':<18}{'t/s':>22}{'TTFT ms':>10}"]
+        tests: dict[tuple[int, str], list[Sample]] = {}
         for s in r.samples:
-            name = ("pp" if s.kind == "prompt" else "tg") + str(s.tokens)
-            if s.kind == "generation":
-                name = f"tg{s.tokens + 1}"
-            if s.depth:
-                name += f" @ d{s.depth}"
-            ttft = "" if s.time_to_first_token is None else f"{s.time_to_first_token * 1e3:.1f}"
-            lines.append(f"{name:<16}{s.tokens_per_second:>12.2f}{ttft:>10}")
+            tests.setdefault((s.depth, s.kind), []).append(s)
+        for (depth, kind), samples in sorted(
+            tests.items(), key=lambda t: (t[0][0], t[0][1] != "prompt")
+        ):
+            name = f"pp{samples[0].tokens}" if kind == "prompt" else f"tg{samples[0].tokens + 1}"
+            if depth:
+                name += f" @ d{depth}"
+            speeds = [s.tokens_per_second for s in samples]
+            spread = statistics.stdev(speeds) if len(speeds) > 1 else 0.0
+            ttfts = [s.time_to_first_token for s in samples if s.time_to_first_token is not None]
+            ttft = f"{statistics.mean(ttfts) * 1e3:.1f}" if ttfts else ""
+            figure = f"{statistics.mean(speeds):.2f} ± {spread:.2f}"
+            lines.append(f"{name:<18}{figure:>22}{ttft:>10}")
         status = "ok" if round_succeeded(r) else "FAILED"
         problems = [*r.skips, *(f"{k}: {o.failure}" for k, o in r.outcomes.items() if o.failure)]
+        problems += [f"{k}: discarded ({', '.join(o.discards)})" for k, o in r.outcomes.items()
+                     if o.discards]  # fmt: skip
         if problems:
             status += " (" + ", ".join(problems) + (f"; {r.detail}" if r.detail else "") + ")"
         lines += [f"status: {status}", ""]

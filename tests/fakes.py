@@ -44,6 +44,7 @@ class FakeLlama:
     gen_tps: float = 2000.0
     mode: str = "ok"  # ok | absent | loading | hang | error | malformed
     busy_slots: set[int] = field(default_factory=set)
+    sleeping: bool = False
     # Called before each completion answers: lets a test start "production" mid-probe.
     on_completion: Callable[[dict[str, Any]], None] | None = None
     # Override the timings the server reports (to test validation).
@@ -96,6 +97,7 @@ class FakeLlama:
         props["model_alias"] = props["model_path"] = self.model_path
         props["endpoint_slots"] = self.slots_endpoint
         props["endpoint_metrics"] = self.metrics_endpoint
+        props["is_sleeping"] = self.sleeping
         return httpx.Response(200, json=props)
 
     def _models(self, _: Any) -> httpx.Response:

@@ -275,3 +275,11 @@ def test_daemon_follows_a_restart_with_another_model(
         assert 'model="tiny"' not in text
         assert sample(text, "llama_speed_server_info", model="other", ctx="2048") == 1.0
         assert sample(text, "llama_speed_server_up") == 1.0
+
+
+def test_sleeping_server_is_left_asleep(llama_server: StartServer) -> None:
+    server = llama_server("--sleep-idle-seconds", "1")
+    poll(lambda: bool(httpx.get(f"{server.url}/props").json().get("is_sleeping")))
+    (result,) = run(probe_round(server.url, plan()))
+    assert result.skips == ("sleeping",)
+    assert httpx.get(f"{server.url}/props").json()["is_sleeping"] is True

@@ -168,6 +168,13 @@ def test_production_arriving_mid_probe_discards_the_sample() -> None:
     assert len(completions(fake)) == 1  # the round stops: production has the server now
 
 
+def test_sleeping_server_is_not_woken() -> None:
+    fake = FakeLlama(sleeping=True)
+    result = run(one_round(fake))
+    assert result.skips == ("sleeping",)
+    assert [p for p, _ in fake.requests] == ["/props", "/v1/models"]
+
+
 def test_slots_disabled_falls_back_to_metrics() -> None:
     fake = FakeLlama(slots_endpoint=False, metrics_endpoint=True, busy_slots={2})
     result = run(one_round(fake))

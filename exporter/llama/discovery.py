@@ -24,6 +24,7 @@ class ServerInfo:
     n_ctx_train: int | None
     slots_endpoint: bool
     metrics_endpoint: bool
+    sleeping: bool = False  # --sleep-idle-seconds: the model is unloaded until a request comes
 
     @property
     def identity(self) -> tuple[str, int]:
@@ -68,6 +69,7 @@ def parse_server_info(props: Any, models: Any) -> ServerInfo:
             n_ctx_train=_opt_int(meta.get("n_ctx_train")),
             slots_endpoint=bool(props.get("endpoint_slots", True)),
             metrics_endpoint=bool(props.get("endpoint_metrics", False)),
+            sleeping=bool(props.get("is_sleeping", False)),
         )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise ServerError(BAD_RESPONSE, f"unexpected /props or /v1/models answer: {exc}") from None

@@ -18,12 +18,14 @@ SKIP_BUSY_UNKNOWN: Final = "busy_unknown"
 SKIP_DUTY_BUDGET: Final = "duty_budget"
 SKIP_DEPTH_EXCEEDS_CONTEXT: Final = "depth_exceeds_context"
 SKIP_IN_PROGRESS: Final = "in_progress"
+SKIP_SLEEPING: Final = "sleeping"
 SKIP_REASONS: Final = (
     SKIP_BUSY,
     SKIP_BUSY_UNKNOWN,
     SKIP_DUTY_BUDGET,
     SKIP_DEPTH_EXCEEDS_CONTEXT,
     SKIP_IN_PROGRESS,
+    SKIP_SLEEPING,
 )
 
 # Discard reasons: the probe ran, but its sample is not a clean measurement.

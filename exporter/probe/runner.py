@@ -35,6 +35,7 @@ from exporter.probe.results import (
     SKIP_BUSY_UNKNOWN,
     SKIP_DEPTH_EXCEEDS_CONTEXT,
     SKIP_DUTY_BUDGET,
+    SKIP_SLEEPING,
     SLOT_OUT_OF_RANGE,
     Kind,
     KindOutcome,
@@ -167,6 +168,9 @@ class ProbeRunner:
             log.failure = log.failure or reason
 
     async def _precheck(self, info: ServerInfo) -> tuple[str | None, str]:
+        if info.sleeping:
+            # A probe would wake the server and reload the model: monitoring must not do that.
+            return SKIP_SLEEPING, "server is sleeping (--sleep-idle-seconds)"
         activity = await self._activity.read(info.metrics_endpoint)
         if activity is None:
             if self.plan.require_busy_check:

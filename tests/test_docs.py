@@ -1,0 +1,56 @@
+"""The README and the shipped examples say what the code does."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from exporter import metrics
+from exporter.cli import _FLAGS, env_name, parse
+from exporter.probe.results import DISCARD_REASONS, FAILURE_REASONS, SKIP_REASONS
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def readme_metric_rows() -> dict[str, list[str]]:
+    rows = {}
+    for line in README.splitlines():
+        match = re.match(r"\| `(llama_speed_[a-z_]+)` \| (\w+) \| ([^|]*) \|", line)
+        if match:
+            rows[match.group(1)] = [match.group(2), match.group(3).strip()]
+    return rows
+
+
+def test_readme_lists_every_metric_with_its_type_and_labels() -> None:
+    rows = readme_metric_rows()
+    assert set(rows) == {m.exposed_name for m in metrics.CATALOGUE}
+    for m in metrics.CATALOGUE:
+        kind, labels = rows[m.exposed_name]
+        assert kind == m.type, m.name
+        assert labels == ", ".join(m.labels), m.name
+
+
+def test_readme_names_every_reason() -> None:
+    for reason in (*FAILURE_REASONS, *SKIP_REASONS, *DISCARD_REASONS):
+        assert f"`{reason}`" in README, reason
+
+
+def test_readme_documents_every_flag_and_its_variable() -> None:
+    for flag, path, _ in _FLAGS:
+        assert f"`{flag}" in README, flag
+        assert env_name(path) in README, env_name(path)
+
+
+@pytest.mark.parametrize("name", ["config.example.yaml"])
+def test_shipped_config_examples_load(name: str, monkeypatch: pytest.MonkeyPatch,
+                                      tmp_path: Path) -> None:  # fmt: skip
+    example = ROOT / "deploy" / name
+    text = example.read_text().replace("/etc/llama-speed-exporter/coder.key", str(tmp_path / "k"))
+    (tmp_path / "k").write_text("secret\n")
+    (tmp_path / name).write_text(text)
+    _, config = parse(["--config", str(tmp_path / name)])
+    assert [t.name for t in config.targets] == ["coder"]
+    assert config.targets[0].plan.depths == (0, 16384)

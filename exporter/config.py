@@ -232,10 +232,13 @@ def resolve_plan(layers: list[ProbePlanFields], key: str = "probe") -> ProbePlan
     for layer in layers:
         values.update(layer.model_dump(exclude_none=True, exclude_unset=True))
     plan = ProbePlan(**{**values, "depths": tuple(values["depths"])})
-    if plan.interval <= plan.timeout:
+    # Jitter delays a round by up to `jitter` s past its slot, so the next round may come
+    # interval - jitter after it: a round must end by then, or two would run at once.
+    if plan.interval <= plan.timeout + plan.jitter:
         raise ConfigError(
             f"{key}.interval",
-            f"{plan.interval:g} s must be longer than the probe timeout ({plan.timeout:g} s)",
+            f"{plan.interval:g} s must be longer than the probe timeout plus jitter "
+            f"({plan.timeout:g} s + {plan.jitter:g} s)",
         )
     if plan.discovery_interval > plan.interval:
         raise ConfigError(

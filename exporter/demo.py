@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = replace(
         resolve_plan([]),
         interval=args.interval,
-        timeout=min(60.0, args.interval - 1),
+        timeout=min(60.0, args.interval - 2),
         jitter=1.0,
         discovery_interval=min(10.0, args.interval),
         depths=(0, 2048),

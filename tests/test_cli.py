@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +24,7 @@ from tests.daemon_harness import sample
 
 EXPORTER = [sys.executable, "-m", "exporter"]
 FAST = [
-    "--probe-interval", "2", "--probe-timeout", "1.5", "--probe-jitter", "0",
+    "--probe-interval", "3", "--probe-timeout", "2.5", "--probe-jitter", "0",
     "--probe-discovery-interval", "1", "--probe-prompt-tokens", "128",
     "--probe-generation-tokens", "16", "--probe-duty-budget", "1",
 ]  # fmt: skip
@@ -93,7 +94,7 @@ def exporter_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
             proc.communicate()
 
 
-def scrape_until(base: str, name: str, value: float, timeout: float = 30, **labels: str) -> str:
+def scrape_until(base: str, name: str, value: float, timeout: float = 60, **labels: str) -> str:
     deadline = time.monotonic() + timeout
     while True:
         text = httpx.get(f"{base}/metrics", timeout=5).text
@@ -132,6 +133,27 @@ def test_daemon_scrape_passes_promtool_and_stops_on_sigterm(llama_server: StartS
     rounds = [e for e in events if e["event"] == "probe_round" and "pp_d0_tps" in e]
     assert rounds and rounds[0]["model"] == "tiny" and rounds[0]["tg_d0_tps"] > 0
     assert events[-1]["event"] == "exporter_stopped"
+
+
+@pytest.mark.real_server
+def test_api_key_never_leaks(llama_server: StartServer, tmp_path: Path) -> None:
+    key = "sk-test-0123456789abcdef"
+    server = llama_server("--api-key", key)
+    (tmp_path / "key").write_text(f"# the key\n{key}\n")
+    (tmp_path / "wrong").write_text("sk-wrong-key-000000\n")
+    args = ("--target", server.url, *FAST, "--log-level", "debug")
+    with exporter_process(*args, "--api-key-file", str(tmp_path / "key")) as (proc, base):
+        text = scrape_until(base, "llama_speed_probe_success", 1.0, probe="generation")
+        page = httpx.get(f"{base}/", timeout=5).text
+        _, err = stop_within(proc, 5)
+    assert key not in text + page + err
+    with exporter_process(*args, "--api-key-file", str(tmp_path / "wrong")) as (proc, base):
+        text = scrape_until(base, "llama_speed_probe_success", 0.0, probe="prompt")
+        page = httpx.get(f"{base}/", timeout=5).text
+        _, err = stop_within(proc, 5)
+    assert sample(text, "llama_speed_probe_failures_total", probe="prompt", reason="unauthorized")
+    assert "unauthorized" in page
+    assert "sk-wrong-key-000000" not in text + page + err
 
 
 class HangingServer:

@@ -120,11 +120,12 @@ BAD_CONFIGS = [
     ("targets:\n  - name: x\n", "targets.0.url: required key is missing"),
     (
         "probe:\n  interval: 30\n  timeout: 60\n",
-        "probe.interval: 30 s must be longer than the probe timeout (60 s)",
+        "probe.interval: 30 s must be longer than the probe timeout plus jitter (60 s + 10 s)",
     ),
     (
         "targets:\n  - url: http://a:1\n    probe:\n      interval: 10\n",
-        "targets.0.probe.interval: 10 s must be longer than the probe timeout (120 s)",
+        "targets.0.probe.interval: 10 s must be longer than the probe timeout plus jitter "
+        "(120 s + 10 s)",
     ),
     ("probe:\n  depths: [0, -5]\n", "probe.depths: Value error, depths must be 0 or more"),
     ("probe:\n  prompt_tokens: lots\n", "probe.prompt_tokens: Input should be a valid integer"),
@@ -178,7 +179,7 @@ def test_main_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err == (
         "llama-speed-exporter: config error: probe.interval: "
-        "5 s must be longer than the probe timeout (120 s)\n"
+        "5 s must be longer than the probe timeout plus jitter (120 s + 10 s)\n"
     )
 
 

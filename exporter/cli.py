@@ -40,6 +40,7 @@ _FLAGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("--probe-repetitions", ("probe", "repetitions"), "samples per depth and round"),
     ("--probe-slot", ("probe", "slot"), "slot id for probes (default: the highest)"),
     ("--probe-duty-budget", ("probe", "duty_budget"), "max share of wall time for probes"),
+    ("--collector.gpu", ("collector", "gpu"), "read GPUs through NVML: true or false"),
     ("--log-format", ("log", "format"), "json or console"),
     ("--log-level", ("log", "level"), "debug, info, warning or error"),
 )

@@ -112,7 +112,15 @@ class TargetFields(_Strict):
     api_key: SecretStr | None = None
     api_key_env: str | None = None
     api_key_file: Path | None = None
+    # How to find the server's process on this host, for its share of GPU memory. Without
+    # either, a target on a loopback address or this host's name is found by its port.
+    pid_file: Path | None = None
+    process_name: str | None = None
     probe: ProbePlanFields = ProbePlanFields()
+
+
+class CollectorFields(_Strict):
+    gpu: bool = True
 
 
 class WebFields(_Strict):
@@ -178,6 +186,7 @@ class Settings(BaseSettings):
     probe: ProbePlanFields = ProbePlanFields()
     web: WebFields = WebFields()
     log: LogFields = LogFields()
+    collector: CollectorFields = CollectorFields()
 
     _split_target = field_validator("target", mode="before")(_split_list)
 
@@ -216,6 +225,8 @@ class Target:
     url: str
     api_key: SecretStr | None = field(default=None, repr=False)
     plan: ProbePlan = field(default_factory=lambda: resolve_plan([]))
+    pid_file: Path | None = None
+    process_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +236,7 @@ class Config:
     telemetry_path: str
     log_format: str
     log_level: str
+    gpu: bool = True
 
 
 def resolve_plan(layers: list[ProbePlanFields], key: str = "probe") -> ProbePlan:
@@ -327,6 +339,8 @@ def resolve(settings: Settings) -> Config:
                 url=url,
                 api_key=_resolve_key(t, settings, key),
                 plan=plan,
+                pid_file=t.pid_file,
+                process_name=t.process_name,
             )
         )
     names = [t.name for t in targets]
@@ -343,6 +357,7 @@ def resolve(settings: Settings) -> Config:
         telemetry_path=settings.web.telemetry_path,
         log_format=settings.log.format,
         log_level=settings.log.level,
+        gpu=settings.collector.gpu,
     )
 
 

@@ -11,9 +11,13 @@ from dataclasses import dataclass
 import httpx
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.registry import Collector
 
 from exporter.collectors import exporter_collectors
 from exporter.config import Config, Target, split_listen_address
+from exporter.gpu.collector import GpuCollector
+from exporter.gpu.nvml import Nvml
+from exporter.gpu.targets import TargetProcesses
 from exporter.llama.client import LlamaClient, ServerError
 from exporter.probe.results import SKIP_IN_PROGRESS, RoundResult
 from exporter.probe.runner import ProbeRunner
@@ -68,17 +72,26 @@ class Daemon:
         transport_factory: Callable[[Target], httpx.AsyncBaseTransport | None] = lambda t: None,
         overlap_poll_interval: float = 0.5,
         first_probe_delay: float | None = None,
+        nvml: Nvml | None = None,
     ) -> None:
         self.config = config
         self.store = Store([(t.name, t.url) for t in config.targets])
+        self._nvml = (nvml or Nvml()) if config.gpu else None
+        energy = self._nvml.energy_joules if self._nvml is not None else lambda: None
         self._runtimes = {
-            t.name: self._runtime(t, transport_factory(t), overlap_poll_interval)
+            t.name: self._runtime(t, transport_factory(t), overlap_poll_interval, energy)
             for t in config.targets
         }
         self._first_probe_delay = first_probe_delay
+        extra: list[tuple[str, Collector]] = []
+        if self._nvml is not None:
+            processes = TargetProcesses(config.targets)
+            extra.append(("gpu", GpuCollector(self._nvml, processes.pids)))
         self.registry = CollectorRegistry()
         self.registry.register(
-            exporter_collectors(self.store.snapshot, {t.name: t.plan for t in config.targets})
+            exporter_collectors(
+                self.store.snapshot, {t.name: t.plan for t in config.targets}, extra=extra
+            )
         )
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -91,12 +104,17 @@ class Daemon:
 
     @staticmethod
     def _runtime(
-        target: Target, transport: httpx.AsyncBaseTransport | None, poll: float
+        target: Target,
+        transport: httpx.AsyncBaseTransport | None,
+        poll: float,
+        energy: Callable[[], float | None],
     ) -> _TargetRuntime:
         # Each request may take the whole round's timeout; the round itself enforces it.
         client = LlamaClient(target.url, target.api_key, timeout=target.plan.timeout,
                              transport=transport)  # fmt: skip
-        runner = ProbeRunner(target.name, client, target.plan, overlap_poll_interval=poll)
+        runner = ProbeRunner(
+            target.name, client, target.plan, overlap_poll_interval=poll, energy=energy
+        )
         return _TargetRuntime(target, client, runner)
 
     async def discover(self, name: str) -> None:
@@ -169,6 +187,8 @@ class Daemon:
             self.web.close()
             for rt in self._runtimes.values():
                 await rt.client.aclose()
+            if self._nvml is not None:
+                self._nvml.close()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             log.info("exporter_stopped")

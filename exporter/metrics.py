@@ -79,6 +79,13 @@ GENERATION_SECONDS = Metric(
     SERIES,
     "Seconds the server spent generating in valid generation probes (predicted_ms / 1000).",
 )
+PROBE_ENERGY = Metric(
+    "llama_speed_probe_energy_joules",
+    "counter",
+    (*SERIES, "probe"),
+    "GPU energy spent during valid probes (all GPUs' energy counters, read around each "
+    "request); divide by the token counters for joules per token.",
+)
 PROBE_SUCCESS = Metric(
     "llama_speed_probe_success",
     "gauge",
@@ -188,12 +195,86 @@ COLLECTOR_DURATION = Metric(
     "Seconds the collector took on this scrape.",
 )
 
+# GPU state from NVML, read at scrape time (exporter/gpu).
+GPU_LABELS: Final = ("gpu", "uuid", "name")
+_JOIN = "gpu is NVML's index (PCI order, not CUDA's); join on uuid."
+
+GPU_UP = Metric(
+    "llama_speed_gpu_up",
+    "gauge",
+    (),
+    "1 if NVML answered on this scrape, 0 if it could not (see llama_speed_gpu_errors_total).",
+)
+GPU_ERRORS = Metric(
+    "llama_speed_gpu_errors",
+    "counter",
+    ("reason",),
+    "GPU reads that failed, by reason: one per scrape while NVML cannot answer, one per GPU "
+    "dropped or value lost on a scrape otherwise.",
+)
+GPU_INFO = Metric(
+    "llama_speed_gpu_info",
+    "gauge",
+    ("gpu", "uuid", "name", "driver_version", "pci_bus_id"),
+    f"Each GPU NVML lists; always 1. {_JOIN}",
+)
+GPU_MEMORY_USED = Metric(
+    "llama_speed_gpu_memory_used_bytes",
+    "gauge",
+    GPU_LABELS,
+    "GPU memory in use by all processes and the driver, in bytes.",
+)
+GPU_MEMORY_TOTAL = Metric(
+    "llama_speed_gpu_memory_total_bytes",
+    "gauge",
+    GPU_LABELS,
+    "GPU memory installed, in bytes.",
+)
+GPU_UTILIZATION = Metric(
+    "llama_speed_gpu_utilization_ratio",
+    "gauge",
+    GPU_LABELS,
+    "Share of NVML's last sample period (1/6 s to 1 s) in which a kernel ran on the GPU, 0-1.",
+)
+GPU_POWER = Metric(
+    "llama_speed_gpu_power_watts",
+    "gauge",
+    GPU_LABELS,
+    "Power draw of the GPU board in watts, as NVML reports it.",
+)
+GPU_ENERGY = Metric(
+    "llama_speed_gpu_energy_joules",
+    "counter",
+    GPU_LABELS,
+    "Energy the GPU consumed since the driver was loaded, in joules.",
+)
+GPU_TEMPERATURE = Metric(
+    "llama_speed_gpu_temperature_celsius",
+    "gauge",
+    GPU_LABELS,
+    "GPU core temperature in degrees Celsius.",
+)
+GPU_PROCESS_MEMORY = Metric(
+    "llama_speed_gpu_process_memory_used_bytes",
+    "gauge",
+    ("target", "gpu", "uuid"),
+    "GPU memory held by the target's llama-server process, in bytes; absent where the process "
+    "is not on this host or not visible (see the exporter's log).",
+)
+
+GPU_METRICS: Final[tuple[Metric, ...]] = (
+    GPU_UP, GPU_ERRORS, GPU_INFO,
+    GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION, GPU_POWER, GPU_ENERGY, GPU_TEMPERATURE,
+    GPU_PROCESS_MEMORY,
+)  # fmt: skip
+
 CATALOGUE: Final[tuple[Metric, ...]] = (
     PROMPT_TPS, GENERATION_TPS, TTFT,
-    PROMPT_TOKENS, PROMPT_SECONDS, GENERATED_TOKENS, GENERATION_SECONDS,
+    PROMPT_TOKENS, PROMPT_SECONDS, GENERATED_TOKENS, GENERATION_SECONDS, PROBE_ENERGY,
     PROBE_SUCCESS, PROBE_DURATION, PROBE_LAST_SUCCESS,
     PROBES, PROBE_FAILURES, PROBES_DISCARDED, PROBES_SKIPPED,
     DUTY_RATIO, DUTY_BUDGET, PROBE_INTERVAL,
     SERVER_UP, SERVER_INFO, MODEL_PARAMETERS, MODEL_SIZE, MODEL_TRAIN_CTX,
     BUILD_INFO, COLLECTOR_SUCCESS, COLLECTOR_DURATION,
+    *GPU_METRICS,
 )  # fmt: skip

@@ -39,6 +39,7 @@ class SeriesState:
     prompt_seconds: float = 0.0
     generated_tokens: float = 0.0
     generation_seconds: float = 0.0
+    energy_joules: dict[str, float] = field(default_factory=dict)  # by probe kind
 
 
 @dataclass
@@ -135,6 +136,11 @@ class Store:
                     series.generated_tokens += tokens
                     series.generation_seconds += seconds
                     series.generation_tokens_per_second = tokens / seconds
+            for s in result.samples:
+                if s.depth == depth and s.energy_joules is not None:
+                    series.energy_joules[s.kind] = (
+                        series.energy_joules.get(s.kind, 0.0) + s.energy_joules
+                    )
             ttfts = [r[3] for r in rows if r[3] is not None]
             if ttfts:
                 series.time_to_first_token = sum(ttfts) / len(ttfts)

@@ -36,7 +36,9 @@ def running_daemon(
     transport_factory: Callable[[Target], httpx.AsyncBaseTransport | None] = lambda t: None,
     **kwargs: Any,
 ) -> Iterator[tuple[Daemon, str]]:
-    config = Config(tuple(targets), "127.0.0.1:0", "/metrics", "console", "warning")
+    # Without an NVML to talk to, tests run with the GPU collector off unless they bring one.
+    gpu = "nvml" in kwargs
+    config = Config(tuple(targets), "127.0.0.1:0", "/metrics", "console", "warning", gpu=gpu)
     daemon = Daemon(config, transport_factory=transport_factory, first_probe_delay=0.1, **kwargs)
     errors: list[BaseException] = []
 

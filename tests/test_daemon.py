@@ -10,7 +10,10 @@ import httpx
 import pytest
 
 from exporter.config import Target
+from exporter.gpu.nvml import Nvml
+from tests import fake_pynvml
 from tests.daemon_harness import fast_target, running_daemon, sample, wait_for_metrics
+from tests.fake_pynvml import FakePynvml
 from tests.fakes import FakeLlama
 
 
@@ -119,3 +122,41 @@ def test_two_targets_are_probed_independently() -> None:
             ),
         )
         assert sample(text, "llama_speed_server_up", target="bad") == 0.0
+
+
+def test_gpus_and_energy_per_probe_with_nvml() -> None:
+    gpus = FakePynvml()
+    fake = FakeLlama()
+
+    def burn(body: object) -> None:
+        for gpu in gpus.gpus:  # each request costs each card 1 J
+            gpu.energy_mj += 1000
+
+    fake.on_completion = burn
+    with running_daemon(
+        [fast_target("t", "http://llama")],
+        factory(fake),
+        nvml=Nvml(gpus),  # type: ignore[arg-type]
+    ) as (_, base):
+        text = wait_for_metrics(base, succeeded)
+        assert sample(text, "llama_speed_gpu_up") == 1.0
+        assert sample(text, "llama_speed_gpu_memory_total_bytes", gpu="1") == 12_884_901_888
+        energy = sample(text, "llama_speed_probe_energy_joules_total", probe="generation",
+                        depth="0")  # fmt: skip
+        assert energy is not None and energy > 0
+        assert energy % 2.0 == 0  # whole requests of 2 J: read around each request, no more
+
+
+def test_no_nvml_keeps_everything_else_working() -> None:
+    gpus = FakePynvml()
+    gpus.fail("nvmlInit", fake_pynvml.NVMLError_LibraryNotFound)
+    with running_daemon(
+        [fast_target("t", "http://llama")],
+        factory(FakeLlama()),
+        nvml=Nvml(gpus),  # type: ignore[arg-type]
+    ) as (_, base):
+        text = wait_for_metrics(base, succeeded)
+        assert sample(text, "llama_speed_gpu_up") == 0.0
+        assert sample(text, "llama_speed_gpu_errors_total", reason="library_not_found")
+        assert sample(text, "llama_speed_collector_success", collector="gpu") == 1.0
+        assert "llama_speed_probe_energy_joules_total{" not in text

@@ -12,15 +12,20 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric as Family
+from prometheus_client.registry import Collector
 
 from exporter import metrics
 from exporter.collectors import exporter_collectors
 from exporter.collectors.guard import GuardedCollectors
 from exporter.config import resolve_plan
+from exporter.gpu.collector import GpuCollector
+from exporter.gpu.nvml import Nvml
 from exporter.llama.client import Timings
 from exporter.llama.discovery import ServerInfo
 from exporter.probe.results import KindOutcome, RoundResult, Sample
 from exporter.state import Store
+from tests import fake_pynvml
+from tests.fake_pynvml import FakePynvml
 
 GOLDEN = Path(__file__).parent / "golden"
 PLAN = resolve_plan([])
@@ -51,7 +56,8 @@ def pp(depth: int, tokens: int, ms: float, ttft: float) -> Sample:
 
 def tg(depth: int, steps: int, ms: float) -> Sample:
     t = Timings(prompt_n=1, prompt_ms=45.0, cache_n=depth, predicted_n=steps + 1, predicted_ms=ms)
-    return Sample("generation", depth, steps, ms / 1000, None, t)
+    # Two cards at about 115 W each during the request.
+    return Sample("generation", depth, steps, ms / 1000, None, t, energy_joules=ms * 0.23)
 
 
 def good_round(info: ServerInfo, at: float = 1_790_000_000.0) -> RoundResult:
@@ -90,10 +96,14 @@ def populated_store() -> Store:
     return store
 
 
-def render(store: Store) -> str:
+def render(store: Store, nvml: Nvml | None = None) -> str:
     registry = CollectorRegistry()
     plans = {"prod": PLAN, "lab": PLAN}
-    registry.register(exporter_collectors(store.snapshot, plans, ("0.1.0", "3.11.7")))
+    extra: list[tuple[str, Collector]] = []
+    if nvml is not None:
+        pids = {"prod": fake_pynvml.LLAMA_PID, "lab": None}
+        extra.append(("gpu", GpuCollector(nvml, lambda: pids)))
+    registry.register(exporter_collectors(store.snapshot, plans, ("0.1.0", "3.11.7"), extra))
     text = generate_latest(registry).decode()
     # Durations of the scrape itself vary: pin them for the comparison.
     return re.sub(r"(llama_speed_collector_duration_seconds\{[^}]*\}) \S+", r"\1 0.0", text)
@@ -111,7 +121,20 @@ def test_golden_exposition() -> None:
     check_golden("exposition.prom", render(populated_store()))
 
 
-def test_golden_passes_promtool_check_metrics() -> None:
+def test_golden_exposition_two_gpus() -> None:
+    check_golden("exposition_gpu.prom", render(populated_store(), Nvml(FakePynvml())))
+
+
+def test_golden_exposition_without_nvml() -> None:
+    gpus = FakePynvml()
+    gpus.fail("nvmlInit", fake_pynvml.NVMLError_LibraryNotFound)
+    check_golden("exposition_no_nvml.prom", render(populated_store(), Nvml(gpus)))
+
+
+@pytest.mark.parametrize(
+    "name", ["exposition.prom", "exposition_gpu.prom", "exposition_no_nvml.prom"]
+)
+def test_golden_passes_promtool_check_metrics(name: str) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         if os.environ.get("CI"):
@@ -119,7 +142,7 @@ def test_golden_passes_promtool_check_metrics() -> None:
         pytest.skip("promtool not installed")
     done = subprocess.run(
         [promtool, "check", "metrics"],
-        input=(GOLDEN / "exposition.prom").read_text(),
+        input=(GOLDEN / name).read_text(),
         capture_output=True,
         text=True,
         check=False,
@@ -128,8 +151,8 @@ def test_golden_passes_promtool_check_metrics() -> None:
     assert done.stdout + done.stderr == ""
 
 
-def test_every_catalogued_metric_is_in_the_golden_file() -> None:
-    text = (GOLDEN / "exposition.prom").read_text()
+def test_every_catalogued_metric_is_in_a_golden_file() -> None:
+    text = (GOLDEN / "exposition.prom").read_text() + (GOLDEN / "exposition_gpu.prom").read_text()
     for metric in metrics.CATALOGUE:
         assert f"# TYPE {metric.exposed_name} {metric.type}" in text, metric.name
 

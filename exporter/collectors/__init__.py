@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+
+from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.collectors.guard import GuardedCollectors
@@ -17,9 +19,14 @@ def exporter_collectors(
     snapshot: Callable[[], list[TargetState]],
     plans: Mapping[str, ProbePlan],
     build_labels: tuple[str, str] = (__version__, platform.python_version()),
+    extra: Sequence[tuple[str, Collector]] = (),
 ) -> GuardedCollectors:
     """Every collector of the exporter's own metrics, each isolated from the others."""
     return GuardedCollectors(
-        [("server", ServerCollector(snapshot)), ("probe", ProbeCollector(snapshot, plans))],
+        [
+            ("server", ServerCollector(snapshot)),
+            ("probe", ProbeCollector(snapshot, plans)),
+            *extra,
+        ],
         build_labels,
     )

@@ -33,6 +33,7 @@ class ProbeCollector:
                 m.PROMPT_TOKENS, m.PROMPT_SECONDS, m.GENERATED_TOKENS, m.GENERATION_SECONDS,
             )
         }  # fmt: skip
+        energy = m.PROBE_ENERGY.family()
         for t in targets:
             if t.server is None:
                 continue
@@ -51,7 +52,9 @@ class ProbeCollector:
                 if s.generation_seconds > 0:
                     fams[m.GENERATED_TOKENS].add_metric(labels, s.generated_tokens)
                     fams[m.GENERATION_SECONDS].add_metric(labels, s.generation_seconds)
-        yield from fams.values()
+                for kind, joules in sorted(s.energy_joules.items()):
+                    energy.add_metric([*labels, kind], joules)
+        yield from (*fams.values(), energy)
 
     def _outcomes(self, targets: list[TargetState]) -> Iterable[Family]:
         success, duration, last_ok = (

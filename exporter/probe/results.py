@@ -49,6 +49,8 @@ class Sample:
     seconds: float
     time_to_first_token: float | None  # client-measured, prompt samples only
     timings: Timings
+    # GPU energy counters' increase over the request, summed over all GPUs; None without NVML.
+    energy_joules: float | None = None
 
     @property
     def tokens_per_second(self) -> float:

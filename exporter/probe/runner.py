@@ -14,6 +14,7 @@ server's own `timings`; the time to first token is the client's, over the stream
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -86,6 +87,7 @@ class ProbeRunner:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        energy: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.target = target
         self.plan = plan
@@ -96,6 +98,7 @@ class ProbeRunner:
         self._rng = rng or random.Random()
         self._clock = clock
         self._wall = wall_clock
+        self._energy = energy
         self.last_server: ServerInfo | None = None
         self._last_duration = 0.0  # what the next round is expected to take
         # The token the probe slot holds right after the depth prefix. The next request's first
@@ -217,8 +220,10 @@ class ProbeRunner:
                         log = logs[kind]
                         log.attempted = True
                         began = self._clock()
+                        joules_before = self._energy()
                         try:
-                            log.samples.append(await self._sample(kind, info, prefix, slot))
+                            sample = await self._sample(kind, info, prefix, slot)
+                            log.samples.append(self._with_energy(sample, joules_before))
                         except _InvalidSampleError as exc:
                             log.failure = log.failure or exc.reason
                             detail = str(exc)
@@ -229,6 +234,14 @@ class ProbeRunner:
             logs[at_risk].discards.append(DISCARD_OVERLAP)
             return "a production request overlapped the probe; sample discarded, round ended"
         return detail
+
+    def _with_energy(self, sample: Sample, before: float | None) -> Sample:
+        after = self._energy()
+        # Busy-awareness makes the GPUs' whole draw the probe's: nothing else ran meanwhile.
+        # A counter that went back (driver reload) gives no figure rather than a wrong one.
+        if before is None or after is None or after < before:
+            return sample
+        return dataclasses.replace(sample, energy_joules=after - before)
 
     async def _unmeasured(
         self, tokens: list[int], n_predict: int, slot: int, info: ServerInfo

@@ -1,0 +1,96 @@
+"""GPU state read from NVML at scrape time, and each target's own share of GPU memory.
+
+NVML reads are cheap (milliseconds), so nothing here is cached or scheduled: every scrape reads
+afresh, and a GPU or value that stops answering disappears from the next scrape. The collector
+never raises on NVML's account: `llama_speed_gpu_up` and `llama_speed_gpu_errors_total` say
+what went wrong instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import Metric as Family
+
+from exporter.gpu.nvml import REASONS, GpuReading, GpuSample, GpuUnavailable, Nvml, Reason
+from exporter.metrics import (
+    GPU_ENERGY,
+    GPU_ERRORS,
+    GPU_INFO,
+    GPU_MEMORY_TOTAL,
+    GPU_MEMORY_USED,
+    GPU_METRICS,
+    GPU_POWER,
+    GPU_PROCESS_MEMORY,
+    GPU_TEMPERATURE,
+    GPU_UP,
+    GPU_UTILIZATION,
+)
+
+__all__ = ["GPU_METRICS", "GpuCollector"]
+
+_Family = GaugeMetricFamily | CounterMetricFamily
+
+
+class GpuCollector:
+    """`target_pids` maps each target's name to its llama-server's pid, None when not found."""
+
+    def __init__(self, nvml: Nvml, target_pids: Callable[[], Mapping[str, int | None]]) -> None:
+        self._nvml = nvml
+        self._target_pids = target_pids
+        # Every reason from the start, at 0: rate() needs the series before its first failure.
+        self._errors: dict[Reason, int] = dict.fromkeys(REASONS, 0)
+        self._errors_lock = threading.Lock()  # concurrent scrapes both count
+
+    def collect(self) -> Iterable[Family]:
+        up = GPU_UP.family()
+        try:
+            reading = self._nvml.read()
+        except GpuUnavailable as exc:
+            # What an unanswering NVML would report is unknown: every GPU series disappears.
+            up.add_metric([], 0.0)
+            yield from (up, self._count([exc.reason]))
+            return
+        up.add_metric([], 1.0)
+        families = self._render(reading)
+        yield from (up, self._count(e.reason for e in reading.errors), *families)
+
+    def _count(self, reasons: Iterable[Reason]) -> Family:
+        family = GPU_ERRORS.family()
+        with self._errors_lock:
+            for reason in reasons:
+                self._errors[reason] += 1
+            counts = dict(self._errors)
+        for reason, count in counts.items():
+            family.add_metric([reason], float(count))
+        return family
+
+    def _render(self, reading: GpuReading) -> list[Family]:
+        info = GPU_INFO.family()
+        per_gpu: list[tuple[_Family, Callable[[GpuSample], float | None]]] = [
+            (GPU_MEMORY_USED.family(), lambda g: g.memory_used_bytes),
+            (GPU_MEMORY_TOTAL.family(), lambda g: g.memory_total_bytes),
+            (GPU_UTILIZATION.family(), lambda g: g.utilization_ratio),
+            (GPU_POWER.family(), lambda g: g.power_watts),
+            (GPU_ENERGY.family(), lambda g: g.energy_joules),
+            (GPU_TEMPERATURE.family(), lambda g: g.temperature_celsius),
+        ]
+        driver = reading.driver_version or ""
+        for g in reading.gpus:
+            labels = [str(g.index), g.uuid, g.name]
+            info.add_metric([str(g.index), g.uuid, g.name, driver, g.pci_bus_id], 1.0)
+            for family, value_of in per_gpu:
+                value = value_of(g)
+                if value is not None:  # unsupported or failed: omitted, never a sentinel
+                    family.add_metric(labels, float(value))
+        process = GPU_PROCESS_MEMORY.family()
+        for target, pid in sorted(self._target_pids().items()):
+            if pid is None:
+                continue
+            for g in reading.gpus:
+                used = next((p.used_bytes for p in g.processes or () if p.pid == pid), None)
+                if used is not None:  # only GPUs where the process holds memory
+                    process.add_metric([target, str(g.index), g.uuid], float(used))
+        return [info, *(family for family, _ in per_gpu), process]

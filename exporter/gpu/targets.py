@@ -1,0 +1,80 @@
+"""Which process serves each target on this host, kept while it lives."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import structlog
+
+from exporter.config import Target
+from exporter.gpu.process import PROC, ProcessLookup, find_server_pid
+
+log = structlog.get_logger(__name__)
+
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}  # noqa: S104 - names, not binds
+
+
+def is_this_host(hostname: str) -> bool:
+    """A port lookup is only meaningful for a server on this machine."""
+    return hostname in _LOOPBACK or hostname.startswith("127.") or hostname in {
+        socket.gethostname(), socket.getfqdn(),
+    }  # fmt: skip
+
+
+class TargetProcesses:
+    """Looks a target's process up when unknown, at most every `retry_s`, and keeps its pid
+    while /proc/<pid> exists: a scan of every process's fds on each scrape would cost more
+    than the scrape itself."""
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        *,
+        proc_root: Path = PROC,
+        retry_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._targets = list(targets)
+        self._proc = proc_root
+        self._retry_s = retry_s
+        self._clock = clock
+        self._pids: dict[str, int | None] = {t.name: None for t in targets}
+        self._next_lookup: dict[str, float] = {t.name: 0.0 for t in targets}
+        self._last_reason: dict[str, str | None] = {}
+
+    def pids(self) -> dict[str, int | None]:
+        now = self._clock()
+        for t in self._targets:
+            pid = self._pids[t.name]
+            if pid is not None and (self._proc / str(pid)).is_dir():
+                continue
+            if now < self._next_lookup[t.name]:
+                self._pids[t.name] = None
+                continue
+            self._next_lookup[t.name] = now + self._retry_s
+            found = self._lookup(t)
+            self._pids[t.name] = found.pid
+            reason = found.reason if found.pid is None else None
+            if reason != self._last_reason.get(t.name, "unset"):
+                self._last_reason[t.name] = reason
+                if found.pid is None:
+                    log.info("server_process_not_found", target=t.name, reason=reason)
+                else:
+                    log.info("server_process_found", target=t.name, pid=found.pid,
+                             method=found.method)  # fmt: skip
+        return dict(self._pids)
+
+    def _lookup(self, t: Target) -> ProcessLookup:
+        parts = urlsplit(t.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        local = is_this_host(parts.hostname or "")
+        return find_server_pid(
+            port=port if local else None,
+            pid_file=t.pid_file,
+            name=t.process_name,
+            proc_root=self._proc,
+        )

@@ -116,6 +116,12 @@ class TargetFields(_Strict):
     # either, a target on a loopback address or this host's name is found by its port.
     pid_file: Path | None = None
     process_name: str | None = None
+    # What the KV cache arithmetic needs when the server's process is not visible here, or
+    # its /props model_path is not this host's path (a container's view).
+    model_path: Path | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    kv_unified: bool | None = None
     probe: ProbePlanFields = ProbePlanFields()
 
 
@@ -220,6 +226,16 @@ class ProbePlan:
 
 
 @dataclass(frozen=True)
+class KvOverrides:
+    """What the config file says about a target's KV cache; it beats the process's options."""
+
+    model_path: Path | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    kv_unified: bool | None = None
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     url: str
@@ -227,6 +243,7 @@ class Target:
     plan: ProbePlan = field(default_factory=lambda: resolve_plan([]))
     pid_file: Path | None = None
     process_name: str | None = None
+    kv: KvOverrides = field(default_factory=KvOverrides)
 
 
 @dataclass(frozen=True)
@@ -341,6 +358,7 @@ def resolve(settings: Settings) -> Config:
                 plan=plan,
                 pid_file=t.pid_file,
                 process_name=t.process_name,
+                kv=KvOverrides(t.model_path, t.cache_type_k, t.cache_type_v, t.kv_unified),
             )
         )
     names = [t.name for t in targets]

@@ -17,8 +17,11 @@ from exporter.collectors import exporter_collectors
 from exporter.config import Config, Target, split_listen_address
 from exporter.gpu.collector import GpuCollector
 from exporter.gpu.nvml import Nvml
+from exporter.gpu.process import read_cmdline, read_environ
 from exporter.gpu.targets import TargetProcesses
+from exporter.kv.facts import FactsError, model_facts
 from exporter.llama.client import LlamaClient, ServerError
+from exporter.llama.discovery import ServerInfo
 from exporter.probe.results import SKIP_IN_PROGRESS, RoundResult
 from exporter.probe.runner import ProbeRunner
 from exporter.scheduler import Scheduler
@@ -36,6 +39,7 @@ class _TargetRuntime:
     target: Target
     client: LlamaClient
     runner: ProbeRunner
+    model_key: tuple[object, ...] | None = None  # what the model facts were worked out for
 
 
 def round_event(result: RoundResult) -> dict[str, object]:
@@ -84,9 +88,11 @@ class Daemon:
         }
         self._first_probe_delay = first_probe_delay
         extra: list[tuple[str, Collector]] = []
+        self._processes = TargetProcesses(config.targets)
         if self._nvml is not None:
-            processes = TargetProcesses(config.targets)
-            extra.append(("gpu", GpuCollector(self._nvml, processes.pids)))
+            extra.append(
+                ("gpu", GpuCollector(self._nvml, self._processes.pids, self._weight_bytes))
+            )
         self.registry = CollectorRegistry()
         self.registry.register(
             exporter_collectors(
@@ -117,6 +123,14 @@ class Daemon:
         )
         return _TargetRuntime(target, client, runner)
 
+    def _weight_bytes(self) -> dict[str, tuple[str, int]]:
+        """Per target: its model and the weight bytes one generated token reads."""
+        return {
+            t.name: (t.server.model, t.model_facts.weight_bytes_per_token)
+            for t in self.store.snapshot()
+            if t.up and t.server is not None and t.model_facts is not None
+        }
+
     async def discover(self, name: str) -> None:
         rt = self._runtimes[name]
         try:
@@ -126,7 +140,31 @@ class Daemon:
             log.warning("server_unavailable", target=name, reason=exc.reason, detail=exc.detail)
         else:
             self.store.record_discovery(name, info, None)
+            await self._refresh_model(rt, info)
         self.store.record_duty(name, rt.runner.duty_ratio())
+
+    async def _refresh_model(self, rt: _TargetRuntime, info: ServerInfo) -> None:
+        """Work the KV cache out again when the model, ctx or process changed; read usage."""
+        name = rt.target.name
+        held = await rt.runner.tokens_held(info)
+        pid = self._processes.pids().get(name)
+        key = (info.model_path, info.identity, info.slots, pid)
+        if key == rt.model_key:
+            self.store.record_tokens_held(name, held)
+            return
+        rt.model_key = key
+        argv = read_cmdline(pid) if pid is not None else None
+        environ = read_environ(pid) if pid is not None else None
+        try:
+            # A header read is fast, but it is file I/O: keep it off the event loop.
+            facts = await asyncio.to_thread(
+                model_facts, info, rt.target.kv, list(argv) if argv else None, environ
+            )
+        except FactsError as exc:
+            self.store.record_model(name, None, exc.reason, held)
+            log.warning("kv_cache_unknown", target=name, reason=exc.reason, detail=exc.detail)
+        else:
+            self.store.record_model(name, facts, None, held)
 
     async def probe(self, name: str) -> RoundResult:
         rt = self._runtimes[name]

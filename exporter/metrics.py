@@ -195,6 +195,47 @@ COLLECTOR_DURATION = Metric(
     "Seconds the collector took on this scrape.",
 )
 
+KV_LABELS: Final = ("target", "model", "ctx", "type_k", "type_v")
+KV_BYTES_PER_TOKEN = Metric(
+    "llama_speed_kv_cache_bytes_per_token",
+    "gauge",
+    KV_LABELS,
+    "K and V bytes one token of context costs in the full-context attention layers, computed "
+    "from the model's GGUF header and the cache types as llama.cpp allocates them.",
+)
+KV_CAPACITY_TOKENS = Metric(
+    "llama_speed_kv_cache_capacity_tokens",
+    "gauge",
+    KV_LABELS,
+    "Cells of the full-context KV cache over all slots (ctx padded to 256, per slot unless "
+    "unified).",
+)
+KV_CAPACITY_BYTES = Metric(
+    "llama_speed_kv_cache_capacity_bytes",
+    "gauge",
+    KV_LABELS,
+    "Bytes of the KV cache as allocated, sliding-window caches and recurrent state included.",
+)
+KV_USED_TOKENS = Metric(
+    "llama_speed_kv_cache_used_tokens",
+    "gauge",
+    KV_LABELS,
+    "Tokens the slots hold now (sum of n_prompt_tokens in /slots).",
+)
+KV_ERRORS = Metric(
+    "llama_speed_kv_cache_errors",
+    "counter",
+    ("target", "reason"),
+    "Models whose KV cache could not be worked out, by reason; their KV gauges are absent.",
+)
+GENERATION_CEILING = Metric(
+    "llama_speed_generation_ceiling_tokens_per_second",
+    "gauge",
+    ("target", "model"),
+    "Memory-bandwidth bound on token generation: 1 / sum over GPUs of (weight bytes read per "
+    "token x the process's share of memory on the GPU / the GPU's memory bandwidth).",
+)
+
 # GPU state from NVML, read at scrape time (exporter/gpu).
 GPU_LABELS: Final = ("gpu", "uuid", "name")
 _JOIN = "gpu is NVML's index (PCI order, not CUDA's); join on uuid."
@@ -276,5 +317,7 @@ CATALOGUE: Final[tuple[Metric, ...]] = (
     DUTY_RATIO, DUTY_BUDGET, PROBE_INTERVAL,
     SERVER_UP, SERVER_INFO, MODEL_PARAMETERS, MODEL_SIZE, MODEL_TRAIN_CTX,
     BUILD_INFO, COLLECTOR_SUCCESS, COLLECTOR_DURATION,
+    KV_BYTES_PER_TOKEN, KV_CAPACITY_TOKENS, KV_CAPACITY_BYTES, KV_USED_TOKENS, KV_ERRORS,
+    GENERATION_CEILING,
     *GPU_METRICS,
 )  # fmt: skip

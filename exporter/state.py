@@ -13,6 +13,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+from exporter.kv.facts import ModelFacts
 from exporter.llama.discovery import ServerInfo
 from exporter.probe.results import KINDS, Kind, RoundResult
 
@@ -55,6 +56,9 @@ class TargetState:
     rounds: int = 0
     duty_ratio: float = 0.0
     last_round: RoundResult | None = None
+    model_facts: ModelFacts | None = None  # for the server last seen
+    kv_errors: Counter[str] = field(default_factory=Counter)
+    tokens_held: int | None = None  # in all slots, from /slots
 
 
 class Store:
@@ -69,6 +73,20 @@ class Store:
     def record_discovery(self, target: str, server: ServerInfo | None, error: str | None) -> None:
         with self._lock:
             self._apply_discovery(self._targets[target], server, error)
+
+    def record_model(
+        self, target: str, facts: ModelFacts | None, error: str | None, tokens_held: int | None
+    ) -> None:
+        with self._lock:
+            state = self._targets[target]
+            state.model_facts = facts
+            state.tokens_held = tokens_held
+            if error is not None:
+                state.kv_errors[error] += 1
+
+    def record_tokens_held(self, target: str, tokens: int | None) -> None:
+        with self._lock:
+            self._targets[target].tokens_held = tokens
 
     def record_skip(self, target: str, reason: str) -> None:
         with self._lock:
@@ -111,6 +129,7 @@ class Store:
             return
         if state.server is not None and state.server.identity != server.identity:
             state.series.clear()  # another model or ctx: the old figures no longer describe it
+            state.model_facts = None
         state.server = server
 
     @staticmethod

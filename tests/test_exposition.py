@@ -20,6 +20,7 @@ from exporter.collectors.guard import GuardedCollectors
 from exporter.config import resolve_plan
 from exporter.gpu.collector import GpuCollector
 from exporter.gpu.nvml import Nvml
+from exporter.kv.facts import ModelFacts
 from exporter.llama.client import Timings
 from exporter.llama.discovery import ServerInfo
 from exporter.probe.results import KindOutcome, RoundResult, Sample
@@ -83,6 +84,12 @@ def populated_store() -> Store:
     store = Store([("prod", "http://gpu-box:8080"), ("lab", "http://lab:8080")])
     store.record_round(good_round(server()))
     store.record_skip("prod", "busy")
+    # The seed's geometry: 9,984 B/token, 262,144 cells, two slots of recurrent state.
+    facts = ModelFacts("q8_0", "q4_0", 9984, 262144, 262144 * 9984 + 2 * 79_036_416,
+                       1_500_000_000)  # fmt: skip
+    store.record_model("prod", facts, None, 70_000)
+    store.record_model("lab", None, "model_unreadable", None)
+    store.record_model("lab", None, "unknown_architecture", None)
     store.record_duty("prod", 0.004)
     store.record_round(
         RoundResult(
@@ -102,7 +109,9 @@ def render(store: Store, nvml: Nvml | None = None) -> str:
     extra: list[tuple[str, Collector]] = []
     if nvml is not None:
         pids = {"prod": fake_pynvml.LLAMA_PID, "lab": None}
-        extra.append(("gpu", GpuCollector(nvml, lambda: pids)))
+        # An A3B mixture of experts at IQ3_M: about 1.5 GB of weights read per token.
+        weights = {"prod": ("Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M", 1_500_000_000)}
+        extra.append(("gpu", GpuCollector(nvml, lambda: pids, lambda: weights)))
     registry.register(exporter_collectors(store.snapshot, plans, ("0.1.0", "3.11.7"), extra))
     text = generate_latest(registry).decode()
     # Durations of the scrape itself vary: pin them for the comparison.

@@ -9,6 +9,7 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.collectors.guard import GuardedCollectors
+from exporter.collectors.kv import KvCollector
 from exporter.collectors.probe import ProbeCollector
 from exporter.collectors.server import ServerCollector
 from exporter.config import ProbePlan
@@ -26,6 +27,7 @@ def exporter_collectors(
         [
             ("server", ServerCollector(snapshot)),
             ("probe", ProbeCollector(snapshot, plans)),
+            ("kv", KvCollector(snapshot)),
             *extra,
         ],
         build_labels,

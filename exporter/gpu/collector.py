@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.core import Metric as Family
 
+from exporter.ceiling import GpuShare, generation_ceiling
 from exporter.gpu.nvml import REASONS, GpuReading, GpuSample, GpuUnavailable, Nvml, Reason
 from exporter.metrics import (
+    GENERATION_CEILING,
     GPU_ENERGY,
     GPU_ERRORS,
     GPU_INFO,
@@ -37,9 +39,15 @@ _Family = GaugeMetricFamily | CounterMetricFamily
 class GpuCollector:
     """`target_pids` maps each target's name to its llama-server's pid, None when not found."""
 
-    def __init__(self, nvml: Nvml, target_pids: Callable[[], Mapping[str, int | None]]) -> None:
+    def __init__(
+        self,
+        nvml: Nvml,
+        target_pids: Callable[[], Mapping[str, int | None]],
+        weight_bytes: Callable[[], Mapping[str, tuple[str, int]]] = dict,
+    ) -> None:
         self._nvml = nvml
         self._target_pids = target_pids
+        self._weight_bytes = weight_bytes  # target -> (model, weight bytes read per token)
         # Every reason from the start, at 0: rate() needs the series before its first failure.
         self._errors: dict[Reason, int] = dict.fromkeys(REASONS, 0)
         self._errors_lock = threading.Lock()  # concurrent scrapes both count
@@ -85,12 +93,26 @@ class GpuCollector:
                 value = value_of(g)
                 if value is not None:  # unsupported or failed: omitted, never a sentinel
                     family.add_metric(labels, float(value))
-        process = GPU_PROCESS_MEMORY.family()
+        process, ceiling = GPU_PROCESS_MEMORY.family(), GENERATION_CEILING.family()
+        weights = self._weight_bytes()
         for target, pid in sorted(self._target_pids().items()):
             if pid is None:
                 continue
+            shares: list[GpuShare] = []
+            complete = True  # a GPU without a known bandwidth would make the bound too high
             for g in reading.gpus:
                 used = next((p.used_bytes for p in g.processes or () if p.pid == pid), None)
                 if used is not None:  # only GPUs where the process holds memory
                     process.add_metric([target, str(g.index), g.uuid], float(used))
-        return [info, *(family for family, _ in per_gpu), process]
+                    if g.memory_bus_width_bits and g.max_memory_clock_mhz:
+                        shares.append(
+                            GpuShare(used, g.memory_bus_width_bits, g.max_memory_clock_mhz)
+                        )
+                    else:
+                        complete = False
+            if target in weights and shares and complete:
+                model, per_token = weights[target]
+                bound = generation_ceiling(per_token, shares)
+                if bound is not None:
+                    ceiling.add_metric([target, model], bound)
+        return [info, *(family for family, _ in per_gpu), process, ceiling]

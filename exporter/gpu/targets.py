@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,8 +46,14 @@ class TargetProcesses:
         self._pids: dict[str, int | None] = {t.name: None for t in targets}
         self._next_lookup: dict[str, float] = {t.name: 0.0 for t in targets}
         self._last_reason: dict[str, str | None] = {}
+        self._lock = threading.Lock()
 
     def pids(self) -> dict[str, int | None]:
+        # Scrapes (web threads) and discovery (the event loop) both ask.
+        with self._lock:
+            return self._pids_locked()
+
+    def _pids_locked(self) -> dict[str, int | None]:
         now = self._clock()
         for t in self._targets:
             pid = self._pids[t.name]

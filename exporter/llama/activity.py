@@ -23,6 +23,8 @@ class Activity:
     # The id of each slot's current or last task, when /slots says: a changed id shows that a
     # request ran in that slot since, even one too short for any poll to see it in flight.
     tasks: tuple[tuple[int, int], ...] | None = None
+    # Tokens the slots hold (prompt and generated, `n_prompt_tokens`), when /slots says.
+    tokens_held: int | None = None
 
     @property
     def idle(self) -> bool:
@@ -50,9 +52,10 @@ def parse_slots(data: Any) -> Activity:
     try:
         busy = frozenset(int(s["id"]) for s in data if s.get("is_processing"))
         tasks = tuple((int(s["id"]), int(s["id_task"])) for s in data if "id_task" in s)
+        held = sum(int(s.get("n_prompt_tokens", 0)) for s in data)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ServerError(BAD_RESPONSE, "/slots entries lack id or is_processing") from None
-    return Activity("slots", len(busy), 0, busy, tasks)
+    return Activity("slots", len(busy), 0, busy, tasks, held)
 
 
 def parse_metrics(text: str) -> Activity:

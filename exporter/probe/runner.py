@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter.config import ProbePlan
-from exporter.llama.activity import Activity, ActivityReader
+from exporter.llama.activity import Activity, ActivityReader, parse_slots
 from exporter.llama.client import TIMEOUT, Completion, LlamaClient, ServerError
 from exporter.llama.discovery import ServerInfo, discover
 from exporter.probe.budget import DutyBudget
@@ -116,6 +116,15 @@ class ProbeRunner:
             self._activity.reset()
         self.last_server = info
         return info
+
+    async def tokens_held(self, info: ServerInfo) -> int | None:
+        """Tokens in all slots, from /slots; None where that would wake or cannot be read."""
+        if info.sleeping or not info.slots_endpoint:
+            return None
+        try:
+            return parse_slots(await self._client.get_json("/slots")).tokens_held
+        except ServerError:
+            return None
 
     async def run_round(self, *, ignore_budget: bool = False) -> RoundResult:
         started_wall, started = self._wall(), self._clock()

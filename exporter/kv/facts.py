@@ -1,0 +1,119 @@
+"""What a target's KV cache is, from its GGUF header, its server's options and `/props`.
+
+Worked out once per model (at discovery), not per scrape: the header read and the arithmetic
+do not change while the same server serves the same model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from exporter.ceiling import bytes_read_per_token
+from exporter.config import KvOverrides
+from exporter.kv.cache import (
+    KvCacheError,
+    KvGeometry,
+    UnknownArchitecture,
+    UnknownCacheTypeError,
+    bytes_per_token,
+    capacity,
+)
+from exporter.kv.gguf_meta import ModelFileError, read_model_meta
+from exporter.kv.server_args import KvServerArgs, ServerArgsError, server_kv_args
+from exporter.llama.discovery import ServerInfo
+
+# Reasons for llama_speed_kv_cache_errors_total.
+MODEL_UNREADABLE: Final = "model_unreadable"
+MODEL_INVALID: Final = "model_invalid"
+UNKNOWN_ARCHITECTURE: Final = "unknown_architecture"
+UNKNOWN_CACHE_TYPE: Final = "unknown_cache_type"
+BAD_SERVER_ARGS: Final = "bad_server_args"
+KV_REASONS: Final = (
+    MODEL_UNREADABLE,
+    MODEL_INVALID,
+    UNKNOWN_ARCHITECTURE,
+    UNKNOWN_CACHE_TYPE,
+    BAD_SERVER_ARGS,
+)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The KV cache and weight traffic of one served model; capacity needs the cache layout."""
+
+    type_k: str
+    type_v: str
+    bytes_per_token: int
+    capacity_tokens: int | None
+    capacity_bytes: int | None
+    weight_bytes_per_token: int  # what generating one token reads, for the speed ceiling
+
+
+class FactsError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def model_facts(
+    info: ServerInfo,
+    overrides: KvOverrides,
+    argv: list[str] | None,
+    environ: dict[str, str] | None,
+) -> ModelFacts:
+    """Raises FactsError with one of KV_REASONS."""
+    path = overrides.model_path or Path(info.model_path)
+    try:
+        meta = read_model_meta(path)
+    except ModelFileError as exc:
+        unreadable = not path.is_file() or not os.access(path, os.R_OK)
+        raise FactsError(MODEL_UNREADABLE if unreadable else MODEL_INVALID, str(exc)) from None
+    args: KvServerArgs | None = None
+    if argv is not None:
+        try:
+            args = server_kv_args(argv[1:], environ or {})
+        except ServerArgsError as exc:
+            raise FactsError(BAD_SERVER_ARGS, str(exc)) from None
+    type_k = overrides.cache_type_k or (args.type_k if args else "f16")
+    type_v = overrides.cache_type_v or (args.type_v if args else "f16")
+    unified = overrides.kv_unified if overrides.kv_unified is not None else (
+        args.kv_unified if args else None
+    )  # fmt: skip
+    try:
+        geometry = KvGeometry.from_meta(meta)
+        flash_attn = args.flash_attn != "off" if args else True
+        per_token = bytes_per_token(geometry, type_k, type_v, flash_attn=flash_attn)
+        cap = None
+        if unified is not None:
+            # /props gives the context after --fit; per slot, which is the pool when unified.
+            n_ctx = info.ctx if unified else info.ctx * info.slots
+            cap = capacity(
+                geometry,
+                n_ctx=n_ctx,
+                n_seq=info.slots,
+                unified=unified,
+                type_k=type_k,
+                type_v=type_v,
+                swa_full=args.swa_full if args else False,
+                n_batch=args.n_batch if args else 2048,
+                n_ubatch=args.n_ubatch if args else 512,
+                flash_attn=flash_attn,
+            )
+    except UnknownArchitecture as exc:
+        raise FactsError(UNKNOWN_ARCHITECTURE, str(exc)) from None
+    except UnknownCacheTypeError as exc:
+        raise FactsError(UNKNOWN_CACHE_TYPE, str(exc)) from None
+    except KvCacheError as exc:
+        raise FactsError(MODEL_INVALID, str(exc)) from None
+    return ModelFacts(
+        type_k=type_k,
+        type_v=type_v,
+        bytes_per_token=per_token,
+        capacity_tokens=cap.cells if cap else None,
+        capacity_bytes=cap.total_bytes if cap else None,
+        weight_bytes_per_token=bytes_read_per_token(meta),
+    )

@@ -40,12 +40,12 @@ def cv(values: list[float]) -> float:
 
 async def probe_rounds(
     url: str, plan: ProbePlan, rounds: int
-) -> dict[str, tuple[list[float], list[float]]]:
+) -> dict[str, tuple[list[float], list[float], list[float]]]:
     """Per test: each round's figure (token-weighted over its repetitions, as exported) and
     each single request's speed."""
     client = LlamaClient(url, timeout=plan.timeout)
     runner = ProbeRunner("bench", client, plan)
-    figures: dict[str, tuple[list[float], list[float]]] = {}
+    figures: dict[str, tuple[list[float], list[float], list[float]]] = {}
     try:
         for _ in range(rounds):
             result = await runner.run_round(ignore_budget=True)
@@ -53,11 +53,14 @@ async def probe_rounds(
                 for kind, key in (("prompt", "pp"), ("generation", "tg")):
                     samples = [s for s in result.samples if s.kind == kind and s.depth == depth]
                     if samples:
-                        per_round, singles = figures.setdefault(f"{key}@d{depth}", ([], []))
+                        per_round, singles, medians = figures.setdefault(
+                            f"{key}@d{depth}", ([], [], [])
+                        )
                         per_round.append(
                             sum(s.tokens for s in samples) / sum(s.seconds for s in samples)
                         )
                         singles.extend(s.tokens_per_second for s in samples)
+                        medians.append(statistics.median(s.tokens_per_second for s in samples))
     finally:
         await client.aclose()
     return figures
@@ -118,7 +121,7 @@ def bench_rows(model: Path, depth: int, runs: int, reps: int) -> list[str]:
             per_rep_cv.setdefault(test, []).append(entry["stddev_ts"] / entry["avg_ts"])
     return [
         f"| llama-bench -r {reps}, {runs} runs | {test} | {statistics.mean(values):,.0f} "
-        f"| {cv(values):.1%} | {statistics.mean(per_rep_cv[test]):.1%} |"
+        f"| {cv(values):.1%} | | {statistics.mean(per_rep_cv[test]):.1%} |"
         for test, values in means.items()
     ]
 
@@ -131,12 +134,20 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-probes-"))
-    model = write_tiny_model(workdir / "bench.gguf", **GEOMETRY)
+    model = write_tiny_model(
+        workdir / "bench.gguf",
+        n_layer=GEOMETRY["n_layer"],
+        n_embd=GEOMETRY["n_embd"],
+        n_head=GEOMETRY["n_head"],
+        n_head_kv=GEOMETRY["n_head_kv"],
+        n_ff=GEOMETRY["n_ff"],
+    )
     plans: dict[str, dict[str, Any]] = {
         "r1, no warm-up": {"repetitions": 1, "warmup": False},
         "r1, warm-up": {"repetitions": 1, "warmup": True},
         "r3, warm-up (default)": {"repetitions": 3, "warmup": True},
         "r5, warm-up": {"repetitions": 5, "warmup": True},
+        "r3, warm-up, tg256": {"repetitions": 3, "warmup": True, "generation_tokens": 256},
     }
     rows: list[str] = []
     server = LlamaServerProcess(model, ["-c", "8192", "-np", "1"], log_path=workdir / "srv.log")
@@ -144,18 +155,21 @@ def main() -> None:
         for name, change in plans.items():
             plan = replace(resolve_plan([]), depths=(0, args.depth), **change)
             figures = asyncio.run(probe_rounds(server.url, plan, args.rounds))
-            for test, (round_figures, samples) in figures.items():
+            for test, (round_figures, samples, medians) in figures.items():
                 rows.append(
                     f"| exporter {name}, {len(round_figures)} rounds | {test} "
                     f"| {statistics.mean(round_figures):,.0f} | {cv(round_figures):.1%} "
-                    f"| {cv(samples):.1%} |"
+                    f"| {cv(medians):.1%} | {cv(samples):.1%} |"
                 )
         overhead = exporter_overhead(server.url, 200)
     rows += bench_rows(model, args.depth, args.bench_runs, 3)
     print(f"Model: generated, {GEOMETRY}, F32; llama-server -c 8192 -np 1 -t 2; "
           f"{platform.machine()}, Python {platform.python_version()}\n")  # fmt: skip
-    print("| source | test | mean t/s | CV of the figure | CV of one request or rep |")
-    print("|---|---|---|---|---|")
+    print(
+        "| source | test | mean t/s | CV of the figure (mean of reps) "
+        "| CV if the figure were the median of reps | CV of one request or rep |"
+    )
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(
         f"\nExporter overhead: /metrics median {overhead[0]:.2f} ms, p99 {overhead[1]:.2f} ms "

@@ -168,13 +168,18 @@ class _DeviceReader:
         self._errors = errors
         self.handle: Any = self.required("handle", nv.nvmlDeviceGetHandleByIndex, index)
 
+    def _unless_driver_gone(self, exc: Exception) -> tuple[_Scope, Reason | None]:
+        """Raise when NVML as a whole is gone; else how far the failure reaches, and why."""
+        scope, reason = _classify(self._nv, exc)
+        if scope == "driver" and reason is not None:
+            raise GpuUnavailable(reason, _describe(exc)) from None
+        return scope, reason
+
     def call(self, name: str, fn: Callable[..., Any], *args: Any) -> Any | None:
         try:
             return fn(*args)
         except Exception as exc:
-            scope, reason = _classify(self._nv, exc)
-            if scope == "driver" and reason is not None:
-                raise GpuUnavailable(reason, _describe(exc)) from None
+            scope, reason = self._unless_driver_gone(exc)
             if scope == "device" and reason is not None:
                 raise _DeviceDroppedError(reason, _describe(exc)) from None
             if reason is not None:
@@ -186,9 +191,7 @@ class _DeviceReader:
         try:
             return fn(*args)
         except Exception as exc:
-            scope, reason = _classify(self._nv, exc)
-            if scope == "driver" and reason is not None:
-                raise GpuUnavailable(reason, _describe(exc)) from None
+            _, reason = self._unless_driver_gone(exc)
             raise _DeviceDroppedError(reason or "error", f"{name}: {_describe(exc)}") from None
 
 

@@ -50,11 +50,21 @@ def round_event(result: RoundResult) -> dict[str, object]:
     }
     if result.server is not None:
         event.update(model=result.server.model, ctx=result.server.ctx)
+    # The figures the gauges show: token-weighted over the round's repetitions.
+    tokens: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    ttfts: dict[int, list[float]] = {}
     for s in result.samples:
-        key = "pp" if s.kind == "prompt" else "tg"
-        event[f"{key}_d{s.depth}_tps"] = round(s.tokens_per_second, 2)
+        key = f"{'pp' if s.kind == 'prompt' else 'tg'}_d{s.depth}_tps"
+        tokens[key] = tokens.get(key, 0.0) + s.tokens
+        seconds[key] = seconds.get(key, 0.0) + s.seconds
         if s.time_to_first_token is not None:
-            event[f"ttft_d{s.depth}_ms"] = round(s.time_to_first_token * 1000, 1)
+            ttfts.setdefault(s.depth, []).append(s.time_to_first_token)
+    for key, total in tokens.items():
+        if seconds[key] > 0:
+            event[key] = round(total / seconds[key], 2)
+    for depth, values in ttfts.items():
+        event[f"ttft_d{depth}_ms"] = round(sum(values) / len(values) * 1000, 1)
     failures = {k: o.failure for k, o in result.outcomes.items() if o.failure}
     discards = {k: list(o.discards) for k, o in result.outcomes.items() if o.discards}
     if failures:

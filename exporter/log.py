@@ -57,3 +57,4 @@ def configure(log_format: str = "console", level: str = "info") -> None:
     # APScheduler reports every job run at INFO; the exporter logs its own probe events.
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("gguf").setLevel(max(logging.WARNING, root.level))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from exporter import metrics
 from exporter.collectors import exporter_collectors
 from exporter.collectors.guard import GuardedCollectors
 from exporter.config import resolve_plan
+from exporter.daemon import round_event
 from exporter.gpu.collector import GpuCollector
 from exporter.gpu.nvml import Nvml
 from exporter.kv.facts import ModelFacts
@@ -242,3 +244,18 @@ def test_a_failing_collector_does_not_fail_the_scrape() -> None:
     assert 'llama_speed_collector_success{collector="broken"} 0.0' in text
     assert 'llama_speed_collector_success{collector="probe"} 1.0' in text
     assert "llama_speed_prompt_tokens_per_second{" in text
+
+
+def test_the_round_log_event_carries_the_exported_figures() -> None:
+    result = good_round(server())
+    two_reps = dataclasses.replace(
+        result,
+        outcomes={**result.outcomes,
+                  "prompt": KindOutcome("prompt", (pp(0, 512, 640.0, 0.7), pp(0, 512, 1280.0, 0.9)),
+                                        attempted=True)},
+    )  # fmt: skip
+    event = round_event(two_reps)
+    assert event["pp_d0_tps"] == round(1024 / 1.92, 2)  # token-weighted, as the gauge
+    assert event["ttft_d0_ms"] == 800.0
+    assert event["tg_d8192_tps"] == round(127 / 6.0476, 2)
+    assert event["model"] == "Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M"

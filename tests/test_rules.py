@@ -1,0 +1,183 @@
+"""The shipped Prometheus rules: promtool accepts them and their unit tests pass, every alert
+carries what the person it wakes needs, and the rules only name metrics the exporter serves."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parent.parent
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+CONFIG = PROMETHEUS / "prometheus.yml"
+RULE_FILES = [PROMETHEUS / "rules" / "recording.yml", PROMETHEUS / "rules" / "alerts.yml"]
+TEST_FILES = sorted((PROMETHEUS / "tests").glob("*.yml"))
+RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK_URL = (
+    "https://github.com/llama-speed-exporter/llama-speed-exporter/blob/main/docs/runbook.md"
+)
+GOLDEN = [ROOT / "tests" / "golden" / name for name in ("exposition.prom", "exposition_gpu.prom")]
+# Dashboards and the end-to-end test query these by name: renaming one breaks them.
+RECORDING_RULES = {
+    f"target_model_ctx_depth:llama_speed_{kind}_tokens_per_second:{window}"
+    for kind in ("prompt", "generation")
+    for window in ("rate1h", "rate6h", "baseline7d")
+}
+SEVERITIES = {"warning", "critical"}
+ABSENT_ALERT = "LlamaSpeedExporterAbsent"
+# All test files take about 20 s on 2 cores; the margin is for a loaded CI machine.
+PROMTOOL_TIMEOUT_S = 300
+
+
+def groups(path: Path) -> list[dict[str, Any]]:
+    loaded: list[dict[str, Any]] = yaml.safe_load(path.read_text())["groups"]
+    return loaded
+
+
+def rules() -> list[dict[str, Any]]:
+    return [rule for path in RULE_FILES for group in groups(path) for rule in group["rules"]]
+
+
+def alerts() -> list[dict[str, Any]]:
+    return [rule for rule in rules() if "alert" in rule]
+
+
+def recorded_names() -> set[str]:
+    return {rule["record"] for rule in rules() if "record" in rule}
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def runbook_anchors() -> set[str]:
+    anchors, in_code = set(), False
+    for line in RUNBOOK.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code  # a `# comment` in a PromQL block is no heading
+        elif not in_code and (match := re.match(r"#{1,6} (.+)", line)):
+            anchors.add(github_anchor(match.group(1)))
+    return anchors
+
+
+def golden_metric_names() -> set[str]:
+    names: set[str] = set()
+    for path in GOLDEN:
+        names |= set(re.findall(r"^(llama_speed_[a-z_]+)", path.read_text(), re.MULTILINE))
+    return names
+
+
+def alert_tests() -> list[dict[str, Any]]:
+    return [
+        case
+        for path in TEST_FILES
+        for group in yaml.safe_load(path.read_text())["tests"]
+        for case in group.get("alert_rule_test", [])
+    ]
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        # A missing promtool in CI is a broken environment, not a reason to skip silently.
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (Debian package prometheus)", pytrace=False)
+        pytest.skip("promtool not installed (Debian package prometheus, or scripts/test.sh)")
+    return path
+
+
+def run_promtool(promtool: str, *args: str) -> None:
+    result = subprocess.run(
+        [promtool, *args], capture_output=True, text=True, timeout=PROMTOOL_TIMEOUT_S, check=False
+    )
+    assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.prometheus
+def test_promtool_checks_the_rule_files(promtool: str) -> None:
+    run_promtool(promtool, "check", "rules", *map(str, RULE_FILES))
+
+
+@pytest.mark.prometheus
+def test_promtool_checks_the_example_config(promtool: str) -> None:
+    # promtool resolves rule_files against the config's directory: run it from elsewhere.
+    run_promtool(promtool, "check", "config", str(CONFIG))
+
+
+def test_example_config_loads_both_rule_files() -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    loaded = {(CONFIG.parent / name).resolve() for name in config["rule_files"]}
+    assert loaded == {path.resolve() for path in RULE_FILES}
+
+
+def test_test_files_exist() -> None:
+    assert [p.name for p in TEST_FILES] == [
+        "availability_test.yml", "probes_test.yml", "recording_test.yml",
+        "regression_test.yml", "resources_test.yml",
+    ]  # fmt: skip
+
+
+@pytest.mark.prometheus
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
+def test_promtool_unit_tests_pass(promtool: str, path: Path) -> None:
+    run_promtool(promtool, "test", "rules", str(path))
+
+
+def test_recording_rules_keep_their_names() -> None:
+    names = {rule["record"] for rule in groups(RULE_FILES[0])[0]["rules"]}
+    assert names == RECORDING_RULES
+    for name in recorded_names():
+        assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", name), f"{name}: level:metric:operations"
+
+
+@pytest.mark.parametrize("alert", alerts(), ids=lambda a: str(a["alert"]))
+def test_alert_has_severity_texts_and_a_runbook_section(alert: dict[str, Any]) -> None:
+    assert alert.get("labels", {}).get("severity") in SEVERITIES
+    annotations = alert.get("annotations", {})
+    assert annotations.get("summary", "").strip()
+    assert annotations.get("description", "").strip()
+    url = annotations.get("runbook_url", "")
+    assert url.startswith(f"{RUNBOOK_URL}#"), url
+    assert url.partition("#")[2] in runbook_anchors(), f"{url}: no such heading in {RUNBOOK}"
+
+
+def test_every_alert_is_unit_tested_firing_and_silent() -> None:
+    cases = alert_tests()
+    firing = {case["alertname"] for case in cases if case.get("exp_alerts")}
+    silent = {case["alertname"] for case in cases if not case.get("exp_alerts")}
+    names = {alert["alert"] for alert in alerts()}
+    assert names - firing == set(), "alerts no promtool test sees firing"
+    assert names - silent == set(), "alerts no promtool test sees silent"
+
+
+def test_runbook_has_no_section_for_an_alert_that_does_not_exist() -> None:
+    sections = {a for a in runbook_anchors() if a.startswith("llamaspeed")}
+    assert sections == {str(alert["alert"]).lower() for alert in alerts()}
+
+
+def test_rules_name_only_metrics_the_exporter_serves() -> None:
+    text = "\n".join(path.read_text() for path in RULE_FILES)
+    for name in sorted(recorded_names(), key=len, reverse=True):
+        text = text.replace(name, "")
+    named = set(re.findall(r"(?<![\w:])llama_speed_[a-z_]+", text))
+    assert named, "no metric found: the pattern is broken"
+    assert named - golden_metric_names() == set()
+
+
+def test_only_the_absent_alert_names_the_job() -> None:
+    naming = {
+        str(rule.get("alert", rule.get("record"))) for rule in rules() if "job=" in rule["expr"]
+    }
+    assert naming == {ABSENT_ALERT}
+    (absent,) = [alert for alert in alerts() if alert["alert"] == ABSENT_ALERT]
+    jobs = set(re.findall(r'job="([^"]+)"', absent["expr"]))
+    config = yaml.safe_load(CONFIG.read_text())
+    assert jobs == {job["job_name"] for job in config["scrape_configs"]}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -72,3 +74,24 @@ def llama_server(
             return server
 
         yield start
+
+
+def prometheus_tool(name: str) -> str:
+    """A binary of Debian's prometheus package: CI must have it, a workstation may not."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            # A missing tool in CI is a broken environment, not a reason to skip silently.
+            pytest.fail(f"{name} is required in CI (Debian package prometheus)", pytrace=False)
+        pytest.skip(f"{name} not installed (Debian package prometheus, or scripts/test.sh)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return prometheus_tool("promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    return prometheus_tool("prometheus")

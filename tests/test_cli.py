@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -114,19 +113,17 @@ def stop_within(proc: subprocess.Popen[str], seconds: float) -> tuple[int, str]:
 
 
 @pytest.mark.real_server
-def test_daemon_scrape_passes_promtool_and_stops_on_sigterm(llama_server: StartServer) -> None:
+def test_daemon_scrape_passes_promtool_and_stops_on_sigterm(
+    llama_server: StartServer, promtool: str
+) -> None:
     server = llama_server("--metrics")
     with exporter_process("--target", server.url, *FAST) as (proc, base):
         text = scrape_until(base, "llama_speed_probe_success", 1.0, probe="generation")
-        promtool = shutil.which("promtool")
-        if promtool is None and os.environ.get("CI"):
-            pytest.fail("promtool is required in CI (Debian package prometheus)")
-        if promtool is not None:
-            check = subprocess.run(
-                [promtool, "check", "metrics"], input=text, capture_output=True, text=True,
-                check=False,
-            )  # fmt: skip
-            assert (check.returncode, check.stdout + check.stderr) == (0, "")
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+            check=False,
+        )  # fmt: skip
+        assert (check.returncode, check.stdout + check.stderr) == (0, "")
         code, err = stop_within(proc, 5)
     assert code == 0
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -70,12 +68,10 @@ def recording_rules() -> list[str]:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[tuple[Path, Callable[[int], str]]]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is required in CI (Debian package prometheus)")
-        pytest.skip("prometheus not installed")
+def prometheus(
+    tmp_path: Path, prometheus_binary: str
+) -> Iterator[tuple[Path, Callable[[int], str]]]:
+    binary = prometheus_binary
     port = free_port()
     config = tmp_path / "prometheus.yml"
     proc: subprocess.Popen[bytes] | None = None

@@ -3,9 +3,7 @@ carries what the person it wakes needs, and the rules only name metrics the expo
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -81,17 +79,6 @@ def alert_tests() -> list[dict[str, Any]]:
         for group in yaml.safe_load(path.read_text())["tests"]
         for case in group.get("alert_rule_test", [])
     ]
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        # A missing promtool in CI is a broken environment, not a reason to skip silently.
-        if os.environ.get("CI"):
-            pytest.fail("promtool is required in CI (Debian package prometheus)", pytrace=False)
-        pytest.skip("promtool not installed (Debian package prometheus, or scripts/test.sh)")
-    return path
 
 
 def run_promtool(promtool: str, *args: str) -> None:

@@ -278,3 +278,36 @@ def test_api_key_is_sent_as_bearer() -> None:
             await client.aclose()
 
     assert all(o.succeeded for o in run(go()).outcomes.values())
+
+
+def test_a_busy_skip_does_not_lower_what_the_next_round_is_expected_to_cost() -> None:
+    fake = FakeLlama()
+    clock = Clock()
+
+    async def rounds() -> list[RoundResult]:
+        client = LlamaClient("http://llama", transport=fake.transport())
+        # 60.5 s of the hour: a 30 s round, then a 1 s busy skip, leave 29.5 s, too little
+        # for another 30 s round, but enough for the 1 s the skip took.
+        runner = ProbeRunner("t", client, plan(duty_budget=60.5 / 3600), clock=clock)
+        original_complete, original_read = runner._client.complete, runner._activity.read
+
+        async def slow(body: dict[str, Any], timeout: float) -> Any:
+            clock.now += 15
+            return await original_complete(body, timeout)
+
+        async def slow_read(metrics_enabled: bool) -> Any:
+            clock.now += 1 if fake.busy_slots else 0
+            return await original_read(metrics_enabled)
+
+        runner._client.complete = slow  # type: ignore[method-assign]
+        runner._activity.read = slow_read  # type: ignore[method-assign]
+        results = [await runner.run_round()]
+        fake.busy_slots.add(0)
+        results.append(await runner.run_round())
+        fake.busy_slots.clear()
+        results.append(await runner.run_round())
+        return results
+
+    measured, busy, next_round = run(rounds())
+    assert measured.skips == () and busy.skips == ("busy",)
+    assert next_round.skips == ("duty_budget",)

@@ -160,7 +160,9 @@ class ProbeRunner:
             self._fail_all(logs, exc.reason)
         duration = self._clock() - started
         self._budget.record(self._clock(), duration)
-        self._last_duration = duration
+        if any(log.attempted for log in logs.values()):
+            # A round that measured is what the next one will cost; a skipped one is not.
+            self._last_duration = duration
         return RoundResult(
             self.target,
             started_wall,

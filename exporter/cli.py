@@ -30,6 +30,7 @@ _FLAGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("--api-key-file", ("api_key_file",), "file holding the API key for --target servers"),
     ("--web.listen-address", ("web", "listen_address"), "address to serve metrics on"),
     ("--web.telemetry-path", ("web", "telemetry_path"), "path of the metrics endpoint"),
+    ("--web.config.file", ("web", "config_file"), "web config file: TLS and basic auth"),
     ("--probe-interval", ("probe", "interval"), "seconds between probe rounds"),
     ("--probe-timeout", ("probe", "timeout"), "seconds one probe round may take"),
     ("--probe-jitter", ("probe", "jitter"), "random seconds added to each interval"),
@@ -122,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_daemon(config: Config) -> int:
     try:
         daemon = Daemon(config)
+    except ConfigError as exc:  # the web config file, read when the daemon is set up
+        print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         structlog.get_logger().error(
             "cannot_listen", address=config.listen_address, error=exc.strerror or str(exc)

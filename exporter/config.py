@@ -132,6 +132,8 @@ class CollectorFields(_Strict):
 class WebFields(_Strict):
     listen_address: str = DEFAULT_LISTEN_ADDRESS
     telemetry_path: str = "/metrics"
+    # exporter-toolkit's web config (TLS, basic auth): read and watched by exporter.webconfig.
+    config_file: Path | None = None
 
 
 class LogFields(_Strict):
@@ -254,6 +256,7 @@ class Config:
     log_format: str
     log_level: str
     gpu: bool = True
+    web_config_file: Path | None = None
 
 
 def resolve_plan(layers: list[ProbePlanFields], key: str = "probe") -> ProbePlan:
@@ -376,6 +379,7 @@ def resolve(settings: Settings) -> Config:
         log_format=settings.log.format,
         log_level=settings.log.level,
         gpu=settings.collector.gpu,
+        web_config_file=settings.web.config_file,
     )
 
 

@@ -27,6 +27,7 @@ from exporter.probe.runner import ProbeRunner
 from exporter.scheduler import Scheduler
 from exporter.state import Store
 from exporter.web import WebServer, make_app
+from exporter.webconfig import ReloadableWebConfig, secure_app
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +90,8 @@ class Daemon:
         nvml: Nvml | None = None,
     ) -> None:
         self.config = config
+        # First: a bad web config file must stop the start before anything else is set up.
+        web_config = ReloadableWebConfig(config.web_config_file) if config.web_config_file else None
         self.store = Store([(t.name, t.url) for t in config.targets])
         self._nvml = (nvml or Nvml()) if config.gpu else None
         energy = self._nvml.energy_joules if self._nvml is not None else lambda: None
@@ -112,9 +115,13 @@ class Daemon:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         host, port = split_listen_address(config.listen_address)
-        self.web = WebServer(
-            make_app(self.registry, self.store.snapshot, config.telemetry_path), host, port
-        )
+        app = make_app(self.registry, self.store.snapshot, config.telemetry_path)
+        tls = None
+        if web_config is not None:
+            app = secure_app(app, web_config)
+            self.registry.register(web_config)  # its reload metrics
+            tls = web_config.tls_context if web_config.tls_enabled else None
+        self.web = WebServer(app, host, port, tls)
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 

@@ -14,6 +14,8 @@ fi
 bash "$root/scripts/setup-env.sh" dev
 cd "$root"
 . .venv/bin/activate
+# Offline Kubernetes and compose schemas for tests/test_deploy.py.
+python -m pip install --quiet -r requirements-deploy-test.txt
 echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy"; mypy
 echo "== pytest"; python -m pytest "$@"

@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# llama-speed-exporter in a container. See docs/deploy.md.
+#
+#   docker build -t llama-speed-exporter .
+#   docker run -d --name llama-speed-exporter --network host --pid host --gpus all \
+#     -v /srv/models:/srv/models:ro llama-speed-exporter --target http://127.0.0.1:8080
+#
+# No NVIDIA driver or CUDA is in the image: NVML's libnvidia-ml comes from the host's driver,
+# which the NVIDIA container runtime mounts (--gpus, or the compose/Kubernetes device
+# requests); NVIDIA_DRIVER_CAPABILITIES=utility asks it for NVML and nvidia-smi only.
+#
+# The builder stage's RUN lines are also run, verbatim, by scripts/docker-build-steps.sh
+# outside Docker (tests/test_deploy.py checks that both say the same), so CI catches a broken
+# step without a Docker engine. Keep them one command a line, with $PYTHON, $VENV and $WHEELS.
+
+ARG PYTHON_IMAGE=python:3.12-slim
+
+FROM ${PYTHON_IMAGE} AS builder
+ARG PYTHON=python3
+ARG VENV=/opt/venv
+ARG WHEELS=/tmp/wheels
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY exporter/ exporter/
+RUN "$PYTHON" -m venv "$VENV"
+RUN "$VENV/bin/python" -m pip wheel --no-deps -w "$WHEELS" .
+RUN "$VENV/bin/python" -m pip install "$WHEELS"/llama_speed_exporter-*.whl
+RUN "$VENV/bin/llama-speed-exporter" --version
+
+FROM ${PYTHON_IMAGE}
+ARG VENV=/opt/venv
+# A fixed uid, so that Kubernetes' runAsNonRoot can check it and file permissions
+# (an API key file, a models directory) can be granted to it on the host.
+RUN groupadd --system --gid 10001 exporter \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin exporter
+COPY --from=builder ${VENV} ${VENV}
+ENV PATH=${VENV}/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=utility
+EXPOSE 18088
+# slim has no curl; the port is the default --web.listen-address.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:18088/healthz', timeout=3)"]
+USER 10001:10001
+ENTRYPOINT ["llama-speed-exporter"]
+CMD ["run"]

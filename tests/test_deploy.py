@@ -1,0 +1,712 @@
+"""The deployment forms of docs/deploy.md: Dockerfile, compose, systemd, Kubernetes.
+
+No Docker engine, cluster or systemd is needed: the Dockerfile's build steps run outside Docker
+(scripts/docker-build-steps.sh), and each file is checked by the tool that validates its format
+offline where one is installed (systemd-analyze, promtool, kubectl kustomize, docker compose,
+the JSON schemas of requirements-deploy-test.txt), and otherwise skipped with a message; the
+structural checks (what refers to what, across files) always run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from exporter.cli import parse
+from exporter.config import Config
+
+ROOT = Path(__file__).parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+BUILD_STEPS = ROOT / "scripts" / "docker-build-steps.sh"
+COMPOSE_DIR = ROOT / "deploy" / "compose"
+COMPOSE = COMPOSE_DIR / "compose.yaml"
+SYSTEMD = ROOT / "deploy" / "systemd"
+UNIT = SYSTEMD / "llama-speed-exporter.service"
+DROP_IN = SYSTEMD / "llama-speed-exporter.service.d" / "api-key.conf"
+K8S = ROOT / "deploy" / "kubernetes"
+K8S_BASE = K8S / "base"
+K8S_VERSION = "1.30"
+ALERTS = ROOT / "deploy" / "prometheus" / "rules" / "alerts.yml"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+PORT = 18088
+UID = 10001
+DEPLOY_REQUIREMENTS = "pip install -r requirements-deploy-test.txt"
+
+
+def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def alert_job() -> str:
+    """The job name LlamaSpeedExporterAbsent selects: what every deployment must call its job."""
+    jobs: set[str] = set(re.findall(r'job="([^"]+)"', ALERTS.read_text()))
+    assert len(jobs) == 1, jobs
+    return jobs.pop()
+
+
+def check_exporter_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Config:
+    """LLAMA_SPEED_* settings that the exporter accepts as they are."""
+    for name in [n for n in os.environ if n.startswith("LLAMA_SPEED_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        assert name.startswith("LLAMA_SPEED_"), name
+        monkeypatch.setenv(name, value)
+    _, config = parse(["run"])  # raises ConfigError on an unknown value
+    return config
+
+
+def env_file_assignments(path: Path, *, commented: bool) -> dict[str, str]:
+    """NAME=value lines of an environment file; with `commented`, also the `# NAME=value` ones."""
+    pattern = r"^(?:# ?)?([A-Z][A-Z0-9_]*)=(.*)$" if commented else r"^([A-Z][A-Z0-9_]*)=(.*)$"
+    return {m[1]: m[2] for m in re.finditer(pattern, path.read_text(), re.MULTILINE)}
+
+
+# --- Dockerfile and scripts/docker-build-steps.sh ---------------------------------------------
+
+
+def dockerfile_stages() -> list[tuple[str | None, list[tuple[str, str]]]]:
+    """(stage name, [(INSTRUCTION, arguments)]) per FROM, continuation lines joined."""
+    logical: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1].rstrip() + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    assert not pending, "a continuation line ends the Dockerfile"
+    stages: list[tuple[str | None, list[tuple[str, str]]]] = []
+    preamble: list[tuple[str, str]] = []
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            name = re.search(r"\bAS\s+(\S+)$", args, re.IGNORECASE)
+            stages.append((name[1] if name else None, [("FROM", args)]))
+        elif stages:
+            stages[-1][1].append((keyword, args.strip()))
+        else:
+            preamble.append((keyword, args.strip()))
+    assert all(k == "ARG" for k, _ in preamble), preamble
+    return stages
+
+
+def instructions(stage: list[tuple[str, str]], keyword: str) -> list[str]:
+    return [args for k, args in stage if k == keyword]
+
+
+def script_block(text: str, begin: str, end: str) -> list[str]:
+    lines = text.splitlines()
+    start, stop = lines.index(begin), lines.index(end)
+    return [ln for ln in lines[start + 1 : stop] if ln.strip() and not ln.startswith("#")]
+
+
+def test_dockerfile_builder_stage_is_what_the_build_steps_script_runs() -> None:
+    stages = dockerfile_stages()
+    assert [name for name, _ in stages] == ["builder", None]
+    builder = stages[0][1]
+    script = BUILD_STEPS.read_text()
+    # Every RUN of the builder stage, in order, is a line of the script's marked block, and the
+    # block holds nothing else: a step changed on one side only fails here.
+    runs = script_block(
+        script, "# BEGIN Dockerfile RUN (builder stage, verbatim)", "# END Dockerfile RUN"
+    )
+    assert runs == instructions(builder, "RUN")
+    # The script copies what the builder stage copies, so a file the build needs and the
+    # Dockerfile forgot breaks the script too.
+    copied = []
+    for args in instructions(builder, "COPY"):
+        assert not args.startswith("--from"), args
+        *sources, _dest = args.split()
+        copied += [s.rstrip("/") for s in sources]
+    match = re.search(r"^copy_sources=\(([^)]*)\)$", script, re.MULTILINE)
+    assert match, "copy_sources=(...) not found in the script"
+    assert match[1].split() == copied
+    # The variables the RUN lines use are the builder's ARGs, which the script sets too.
+    declared = {a.split("=")[0] for a in instructions(builder, "ARG")}
+    used = set(re.findall(r"\$\{?(\w+)", " ".join(runs)))
+    assert used <= declared, used - declared
+    for name in used:
+        assert re.search(rf"^{name}=", script, re.MULTILINE), name
+
+
+def test_dockerfile_final_stage() -> None:
+    stages = dockerfile_stages()
+    builder, final = stages[0][1], stages[1][1]
+    # One base image for both stages: the venv's interpreter path must exist in the final one.
+    assert instructions(builder, "FROM")[0].split()[0] == instructions(final, "FROM")[0]
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.1[1-9]-slim$", DOCKERFILE.read_text(), re.M)
+    copies = instructions(final, "COPY")
+    assert copies == ["--from=builder ${VENV} ${VENV}"], "the final stage copies only the venv"
+    assert instructions(final, "USER") == [f"{UID}:{UID}"]
+    assert any(f"--uid {UID}" in run for run in instructions(final, "RUN"))
+    assert instructions(final, "EXPOSE") == [str(PORT)]
+    env = " ".join(instructions(final, "ENV"))
+    assert "NVIDIA_DRIVER_CAPABILITIES=utility" in env
+    assert "NVIDIA_VISIBLE_DEVICES=all" in env
+    assert json.loads(instructions(final, "ENTRYPOINT")[0]) == ["llama-speed-exporter"]
+    assert json.loads(instructions(final, "CMD")[0]) == ["run"]
+    # Nothing of the driver or CUDA in the image: NVML comes from the NVIDIA runtime.
+    steps = " ".join(f"{k} {args}" for _, stage in stages for k, args in stage)
+    assert not re.search(r"(?i)cuda|libnvidia|nvidia-(driver|utils)|apt-get", steps)
+    # The health check: python (slim has no curl), on /healthz at the exposed port.
+    (healthcheck,) = instructions(final, "HEALTHCHECK")
+    argv = json.loads(healthcheck.split(" CMD ", 1)[1])
+    assert argv[:2] == ["python", "-c"]
+    compile(argv[2], "HEALTHCHECK", "exec")
+    assert f"http://127.0.0.1:{PORT}/healthz" in argv[2]
+
+
+def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "**/__pycache__", ".pytest_cache", ".mypy_cache"} <= ignored
+    assert {".ruff_cache", "deploy/compose/.env"} <= ignored
+
+
+def test_docker_build_steps_build_install_and_run(tmp_path: Path) -> None:
+    """The Dockerfile's builder steps in a fresh venv, then a smoke run of the installed command.
+
+    pip fetches setuptools (build isolation) and the dependencies from its cache or PyPI.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PYTHON"] = sys.executable  # this test's Python, not whatever python3 is first on PATH
+    done = subprocess.run(
+        ["bash", str(BUILD_STEPS), str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert f"llama-speed-exporter {VERSION}" in done.stdout
+    assert "/healthz: ok; /metrics: llama_speed_server_up{target=" in done.stdout
+    assert "exited 0 on SIGTERM" in done.stdout
+
+
+# --- Docker Compose ---------------------------------------------------------------------------
+
+
+def compose_env() -> dict[str, str]:
+    return env_file_assignments(COMPOSE_DIR / ".env.example", commented=False)
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, over nested lists and dicts."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match[1], match[2], match[3]
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise AssertionError(f"{name} is required: {arg}")
+        return arg or ""
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, value)
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = interpolate(yaml.safe_load(COMPOSE.read_text()), compose_env())
+    return data
+
+
+def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(source, target, read-only) of each bind mount; named volumes are left out."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            read_only = bool(mode) and "ro" in mode[0].split(",")
+        else:
+            if volume["type"] != "bind":
+                continue
+            source, target, read_only = volume["source"], volume["target"], volume["read_only"]
+        if source.startswith((".", "/")):
+            mounts.append((source, target, read_only))
+    return mounts
+
+
+def repo_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> the repository file or folder mounted there."""
+    return {
+        target: (COMPOSE_DIR / source).resolve()
+        for source, target, _ in bind_mounts(service)
+        if source.startswith(".")
+    }
+
+
+def test_compose_env_example_sets_every_variable_compose_uses() -> None:
+    used = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text()))
+    assert used == set(compose_env())
+    assert "MODELS_DIR" in used
+
+
+def test_compose_services() -> None:
+    services = compose()["services"]
+    assert set(services) == {"exporter", "prometheus", "alertmanager", "grafana", "llama-server"}
+    exporter = services["exporter"]
+    assert (COMPOSE_DIR / exporter["build"]["context"]).resolve() == ROOT
+    assert exporter["build"]["dockerfile"] == DOCKERFILE.name
+    assert exporter["network_mode"] == "host"
+    assert exporter["pid"] == "host"
+    assert exporter["command"][0] == "run"
+    (gpu,) = exporter["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu == {"driver": "nvidia", "count": "all", "capabilities": ["utility"]}
+    # The models at the same path as on the host, where /props says the model is.
+    models = compose_env()["MODELS_DIR"]
+    assert (models, models, True) in bind_mounts(exporter)
+
+    llama = services["llama-server"]
+    assert llama["profiles"] == ["llama"]
+    assert llama["network_mode"] == "host"
+    assert (models, models, True) in bind_mounts(llama)
+    command = llama["command"]
+    assert command[command.index("-m") + 1].startswith(models + "/")
+    assert command[command.index("--port") + 1] == "8080"
+    for flag in ("--metrics", "-fa", "-ngl"):
+        assert flag in command
+    assert exporter["command"][exporter["command"].index("--target") + 1].endswith(":8080")
+
+    # The exporter is on the host's network: Prometheus reaches it through the host gateway.
+    assert "host.docker.internal:host-gateway" in services["prometheus"]["extra_hosts"]
+    for name in ("prometheus", "alertmanager", "grafana"):
+        for source, _, _ in bind_mounts(services[name]):
+            assert (COMPOSE_DIR / source).exists(), f"{name}: {source} is not in the repository"
+
+
+def test_compose_file_validates_against_the_compose_spec() -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason=f"jsonschema: {DEPLOY_REQUIREMENTS}")
+    spec = importlib.util.find_spec("check_jsonschema")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"check-jsonschema (vendors the compose-spec schema): {DEPLOY_REQUIREMENTS}")
+    vendor = Path(spec.submodule_search_locations[0], "builtin_schemas", "vendor")
+    schema = json.loads((vendor / "compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    data = yaml.safe_load(COMPOSE.read_text())
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(data)]
+    assert not errors, errors
+    # The check has teeth: a misspelt key is caught.
+    data["services"]["exporter"]["network-mode"] = data["services"]["exporter"].pop("network_mode")
+    assert not validator.is_valid(data)
+
+
+def docker_compose() -> list[str] | None:
+    """The Docker Compose v2 command here: the docker CLI's plugin, or a docker-compose binary."""
+    candidates = []
+    if docker := shutil.which("docker"):
+        candidates.append([docker, "compose"])
+    if standalone := shutil.which("docker-compose"):
+        candidates.append([standalone])
+    for command in candidates:
+        done = subprocess.run(
+            [*command, "version"], capture_output=True, text=True, timeout=30, check=False
+        )
+        if done.returncode == 0 and "version v2" in done.stdout:
+            return command
+    return None
+
+
+def test_docker_compose_config() -> None:
+    """`docker compose config` needs no engine: interpolation, the spec, the merged model."""
+    command = docker_compose()
+    if command is None:
+        pytest.skip("no Docker Compose v2 here: compose.yaml checked against its schema only")
+    done = subprocess.run(
+        [
+            *command,
+            *("-f", str(COMPOSE), "--env-file", str(COMPOSE_DIR / ".env.example")),
+            *("--profile", "llama", "config", "-q"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.prometheus
+def test_compose_prometheus_config_as_the_container_sees_it(tmp_path: Path, promtool: str) -> None:
+    """The container's files, laid out from compose.yaml's mounts, pass promtool check config."""
+    services = compose()["services"]
+    prometheus = services["prometheus"]
+    for target, source in repo_mounts(prometheus).items():
+        dest = tmp_path / target.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, dest)
+        else:
+            shutil.copyfile(source, dest)
+    flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    config_path = tmp_path / flag.split("=", 1)[1].lstrip("/")
+    done = subprocess.run(
+        [promtool, "check", "config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 2 rule files found" in done.stdout + done.stderr
+
+    config = yaml.safe_load(config_path.read_text())
+    shipped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == shipped["rule_files"]
+    assert config["global"] == shipped["global"]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == alert_job())
+    assert job["static_configs"][0]["targets"] == [f"host.docker.internal:{PORT}"]
+    (alertmanager,) = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    host, port = alertmanager.split(":")
+    assert host in services
+    assert any(p.endswith(f":{port}:{port}") for p in services[host]["ports"])
+
+
+def test_compose_alertmanager_config() -> None:
+    service = compose()["services"]["alertmanager"]
+    flag = next(a for a in service["command"] if a.startswith("--config.file="))
+    path = repo_mounts(service)[flag.split("=", 1)[1]]
+    config = yaml.safe_load(path.read_text())
+    receivers = {r["name"] for r in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.skip("amtool not installed (Debian package prometheus-alertmanager): structure only")
+    done = subprocess.run(
+        [amtool, "check-config", str(path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_grafana_loads_the_provisioning_and_dashboards() -> None:
+    services = compose()["services"]
+    mounts = repo_mounts(services["grafana"])
+    provisioning = ROOT / "grafana" / "provisioning"
+    assert mounts["/etc/grafana/provisioning/datasources"] == provisioning / "datasources"
+    assert mounts["/etc/grafana/provisioning/dashboards"] == provisioning / "dashboards"
+    provider = yaml.safe_load((provisioning / "dashboards" / "llama-speed.yml").read_text())
+    dashboards_path = provider["providers"][0]["options"]["path"]
+    assert mounts[dashboards_path] == ROOT / "grafana" / "dashboards"
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (ROOT / "grafana" / "dashboards" / Path(home).relative_to(dashboards_path)).is_file()
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    url = datasource["datasources"][0]["url"]
+    match = re.fullmatch(r"http://([\w-]+):(\d+)", url)
+    assert match, url
+    host, port = match.groups()
+    assert host in services
+    assert any(p.endswith(f":{port}:{port}") for p in services[host]["ports"])
+
+
+def test_compose_exporter_env_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = env_file_assignments(COMPOSE_DIR / "exporter.env.example", commented=True)
+    assert "LLAMA_SPEED_API_KEY" in env
+    check_exporter_env(env, monkeypatch)
+
+
+# --- systemd ----------------------------------------------------------------------------------
+
+
+def unit_settings(*paths: Path) -> dict[str, list[str]]:
+    """Key -> values, over the unit and its drop-ins (repeated keys accumulate)."""
+    settings: dict[str, list[str]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line and not line.startswith(("#", ";", "[")):
+                key, _, value = line.partition("=")
+                settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_systemd_unit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = unit_settings(UNIT)
+    one = {key: values[-1] for key, values in s.items()}
+    for key, value in {
+        "DynamicUser": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "DevicePolicy": "closed",
+        "Restart": "on-failure",
+        "RestartSec": "5",
+        "EnvironmentFile": "-/etc/default/llama-speed-exporter",
+        "ExecStart": "/usr/local/bin/llama-speed-exporter run",
+        # /proc/<pid>/fd of llama-server's process, and nothing else of root's.
+        "AmbientCapabilities": "CAP_SYS_PTRACE",
+        "CapabilityBoundingSet": "CAP_SYS_PTRACE",
+    }.items():
+        assert one.get(key) == value, key
+    assert {"/dev/nvidiactl rw", "char-nvidia* rw"} <= set(s["DeviceAllow"])
+    # Each of these would hide what the exporter must see: the GPUs, llama-server's process,
+    # /proc/net/tcp, or llama-server itself.
+    for key in ("PrivateDevices", "ProtectProc", "ProcSubset", "PrivateNetwork", "PrivateUsers"):
+        assert key not in s, key
+    # ptrace(2) itself stays forbidden: the system call filter leaves out @debug.
+    assert s["SystemCallFilter"][0] == "@system-service"
+
+    drop_in = unit_settings(DROP_IN)
+    assert drop_in["LoadCredential"] == ["api-key:/etc/llama-speed-exporter/api-key"]
+    assert drop_in["Environment"] == ["LLAMA_SPEED_API_KEY_FILE=%d/api-key"]
+
+    env = env_file_assignments(SYSTEMD / "llama-speed-exporter.env", commented=True)
+    env.pop("LLAMA_SPEED_CONFIG")  # a file the example only names
+    assert env["LLAMA_SPEED_TARGET"] == "http://127.0.0.1:8080"
+    check_exporter_env(env, monkeypatch)
+
+
+def systemd_analyze_verify(tmp_path: Path, unit_text: str) -> str:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd): settings only")
+    unit = tmp_path / UNIT.name
+    # verify wants ExecStart's binary to exist; the drop-in is read from <unit>.d/ beside it.
+    true = shutil.which("true") or "/bin/true"
+    unit.write_text(unit_text.replace("/usr/local/bin/llama-speed-exporter", true))
+    (tmp_path / DROP_IN.parent.name).mkdir(exist_ok=True)
+    shutil.copyfile(DROP_IN, tmp_path / DROP_IN.parent.name / DROP_IN.name)
+    done = subprocess.run(
+        [tool, "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    return (f"exit {done.returncode}\n" if done.returncode else "") + done.stdout + done.stderr
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    # systemd-analyze only warns about an unknown key or a bad value: any output fails.
+    assert systemd_analyze_verify(tmp_path, UNIT.read_text()) == ""
+    broken = UNIT.read_text().replace("Restart=on-failure", "Restart=sometimes")
+    assert "sometimes" in systemd_analyze_verify(tmp_path, broken)
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+
+def gen_k8s() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_k8s", ROOT / "scripts" / "gen_k8s.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kustomization(directory: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    return data
+
+
+def base_resources() -> list[dict[str, Any]]:
+    docs = []
+    for name in kustomization(K8S_BASE)["resources"]:
+        docs += load_yaml_docs(K8S_BASE / name)
+    return docs
+
+
+def resource(kind: str) -> dict[str, Any]:
+    (found,) = [d for d in base_resources() if d["kind"] == kind]
+    return found
+
+
+def test_generated_kubernetes_manifests_are_current() -> None:
+    for path, text in gen_k8s().generated().items():
+        assert path.read_text() == text, f"{path} is stale: run python scripts/gen_k8s.py"
+
+
+def test_prometheus_rule_holds_the_shipped_rules() -> None:
+    groups = []
+    for name in ("recording.yml", "alerts.yml"):
+        groups += yaml.safe_load((ALERTS.parent / name).read_text())["groups"]
+    rule = resource("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"]["groups"] == groups
+    for group in groups:
+        for r in group["rules"]:
+            assert r["expr"]
+            assert ("record" in r) != ("alert" in r), r
+
+
+@pytest.mark.prometheus
+def test_prometheus_rule_passes_promtool(tmp_path: Path, promtool: str) -> None:
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(resource("PrometheusRule")["spec"], sort_keys=False))
+    done = subprocess.run(
+        [promtool, "check", "rules", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dashboard_config_maps_hold_the_dashboards() -> None:
+    maps = [d for d in base_resources() if d["kind"] == "ConfigMap"]
+    files = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
+    assert [m["data"] for m in maps] == [{f.name: f.read_text()} for f in files]
+    for m in maps:
+        assert m["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_kustomization_resources_exist() -> None:
+    for directory in (K8S_BASE, K8S / "overlays" / "kube-prometheus-stack"):
+        for name in kustomization(directory)["resources"]:
+            assert (directory / name).exists(), f"{directory}: {name}"
+    kinds = sorted(d["kind"] for d in base_resources())
+    assert kinds == ["ConfigMap"] * 3 + ["DaemonSet", "PrometheusRule", "Service", "ServiceMonitor"]
+
+
+def kustomize_build(directory: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    kustomize = shutil.which("kustomize")
+    if kustomize:
+        command = [kustomize, "build", str(directory)]
+    elif kubectl:
+        command = [kubectl, "kustomize", str(directory)]
+    else:
+        pytest.skip("neither kustomize nor kubectl installed: resources checked one by one")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d is not None]
+
+
+def test_kustomize_builds_base_and_overlay() -> None:
+    base = kustomize_build(K8S_BASE)
+    assert {d["metadata"]["namespace"] for d in base} == {kustomization(K8S_BASE)["namespace"]}
+    (daemonset,) = [d for d in base if d["kind"] == "DaemonSet"]
+    image = daemonset["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"llama-speed-exporter:{VERSION}"
+    overlay = kustomize_build(K8S / "overlays" / "kube-prometheus-stack")
+    for doc in overlay:
+        if doc["kind"] in ("ServiceMonitor", "PrometheusRule"):
+            assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (daemonset,) = [d for d in overlay if d["kind"] == "DaemonSet"]
+    assert "release" not in daemonset["spec"]["selector"]["matchLabels"]
+
+
+def test_builtin_kinds_validate_against_the_kubernetes_schemas() -> None:
+    try:
+        import kubernetes_validate  # noqa: PLC0415
+    except ImportError:
+        pytest.skip(f"kubernetes-validate not installed: {DEPLOY_REQUIREMENTS}")
+    checked = []
+    for doc in base_resources():
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # CRDs: kubernetes-validate has no schema for them (structure below)
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        checked.append(doc["kind"])
+    assert sorted(checked) == ["ConfigMap"] * 3 + ["DaemonSet", "Service"]
+    # The check has teeth: a misspelt field is caught.
+    daemonset = resource("DaemonSet")
+    daemonset["spec"]["template"]["spec"]["hostPid"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, K8S_VERSION, strict=True)
+
+
+def test_daemonset_service_and_service_monitor_fit_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemonset, service, monitor = (
+        resource("DaemonSet"),
+        resource("Service"),
+        resource("ServiceMonitor"),
+    )
+    pod = daemonset["spec"]["template"]
+    spec = pod["spec"]
+    labels = pod["metadata"]["labels"]
+    assert daemonset["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    service_labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
+
+    # On the node, beside llama-server: its network, its processes, its GPUs.
+    assert spec["hostNetwork"] is True
+    assert spec["hostPID"] is True
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    (container,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    assert env["LLAMA_SPEED_WEB_LISTEN_ADDRESS"] == f":{PORT}"
+    # Each node's target is named after the node ($(NODE_NAME), expanded by the kubelet), so
+    # that the recording rules, which sum over exporters by target, keep the nodes apart.
+    (node,) = [e for e in container["env"] if e["name"] == "NODE_NAME"]
+    assert node["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    settings = {
+        k: v.replace("$(NODE_NAME)", "gpu-node-7")
+        for k, v in env.items()
+        if k.startswith("LLAMA_SPEED_") and v is not None
+    }
+    config = check_exporter_env(settings, monkeypatch)
+    assert [(t.name, t.url) for t in config.targets] == [("gpu-node-7", "http://127.0.0.1:8080")]
+
+    # The image's user, and nothing writable or privileged.
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == UID
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert {"requests", "limits"} <= set(container["resources"])
+
+    # One port, named metrics, probed on /healthz and scraped by the ServiceMonitor.
+    (port,) = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("metrics", PORT)
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    (service_port,) = service["spec"]["ports"]
+    assert (service_port["name"], service_port["targetPort"]) == ("metrics", "metrics")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics"
+    assert endpoint["path"] == "/metrics"
+    job = [r for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
+    assert [r["replacement"] for r in job] == [alert_job()]
+
+    # The models at the same path as on the node, read-only.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    models = next(m for m in container["volumeMounts"] if m["name"] == "models")
+    assert models["readOnly"] is True
+    assert volumes["models"]["hostPath"]["path"] == models["mountPath"]
+
+    images = kustomization(K8S_BASE)["images"]
+    assert images == [{"name": container["image"], "newTag": VERSION}]
+
+
+# --- docs/deploy.md ---------------------------------------------------------------------------
+
+
+def test_deploy_doc_covers_each_form_and_links_resolve() -> None:
+    doc = ROOT / "docs" / "deploy.md"
+    text = doc.read_text()
+    headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
+    for form in ("pip", "Container", "Compose", "systemd", "Kubernetes", "Several boxes"):
+        assert any(form in h for h in headings), form
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if not target.startswith("http"):
+            assert (doc.parent / target).exists(), target

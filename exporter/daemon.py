@@ -22,7 +22,7 @@ from exporter.gpu.targets import TargetProcesses
 from exporter.kv.facts import FactsError, model_facts
 from exporter.llama.client import LlamaClient, ServerError
 from exporter.llama.discovery import ServerInfo
-from exporter.probe.results import SKIP_IN_PROGRESS, RoundResult
+from exporter.probe.results import SKIP_IN_PROGRESS, RoundResult, round_figures
 from exporter.probe.runner import ProbeRunner
 from exporter.scheduler import Scheduler
 from exporter.state import Store
@@ -51,21 +51,13 @@ def round_event(result: RoundResult) -> dict[str, object]:
     }
     if result.server is not None:
         event.update(model=result.server.model, ctx=result.server.ctx)
-    # The figures the gauges show: token-weighted over the round's repetitions.
-    tokens: dict[str, float] = {}
-    seconds: dict[str, float] = {}
-    ttfts: dict[int, list[float]] = {}
-    for s in result.samples:
-        key = f"{'pp' if s.kind == 'prompt' else 'tg'}_d{s.depth}_tps"
-        tokens[key] = tokens.get(key, 0.0) + s.tokens
-        seconds[key] = seconds.get(key, 0.0) + s.seconds
-        if s.time_to_first_token is not None:
-            ttfts.setdefault(s.depth, []).append(s.time_to_first_token)
-    for key, total in tokens.items():
-        if seconds[key] > 0:
-            event[key] = round(total / seconds[key], 2)
-    for depth, values in ttfts.items():
-        event[f"ttft_d{depth}_ms"] = round(sum(values) / len(values) * 1000, 1)
+    # The figures the gauges show.
+    for (depth, kind), f in round_figures(result.samples).items():
+        tps, ttft = f.tokens_per_second, f.time_to_first_token
+        if tps is not None:
+            event[f"{'pp' if kind == 'prompt' else 'tg'}_d{depth}_tps"] = round(tps, 2)
+        if ttft is not None:
+            event[f"ttft_d{depth}_ms"] = round(ttft * 1000, 1)
     failures = {k: o.failure for k, o in result.outcomes.items() if o.failure}
     discards = {k: list(o.discards) for k, o in result.outcomes.items() if o.discards}
     if failures:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from exporter.kv.facts import ModelFacts
 from exporter.llama.discovery import ServerInfo
-from exporter.probe.results import KINDS, Kind, RoundResult
+from exporter.probe.results import KINDS, Kind, RoundResult, round_figures
 
 
 @dataclass
@@ -134,32 +134,20 @@ class Store:
 
     @staticmethod
     def _apply_samples(state: TargetState, result: RoundResult) -> None:
-        by_depth: dict[int, list[tuple[Kind, float, float, float | None]]] = {}
-        for s in result.samples:
-            by_depth.setdefault(s.depth, []).append(
-                (s.kind, s.tokens, s.seconds, s.time_to_first_token)
-            )
-        for depth, rows in by_depth.items():
+        for (depth, kind), f in round_figures(result.samples).items():
+            tps = f.tokens_per_second
+            if tps is None:
+                continue
             series = state.series.setdefault(depth, SeriesState())
-            for kind in KINDS:
-                tokens = sum(r[1] for r in rows if r[0] == kind)
-                seconds = sum(r[2] for r in rows if r[0] == kind)
-                if seconds <= 0:
-                    continue
-                # The round's figure is token-weighted over its repetitions, like the counters.
-                if kind == "prompt":
-                    series.prompt_tokens += tokens
-                    series.prompt_seconds += seconds
-                    series.prompt_tokens_per_second = tokens / seconds
-                else:
-                    series.generated_tokens += tokens
-                    series.generation_seconds += seconds
-                    series.generation_tokens_per_second = tokens / seconds
-            for s in result.samples:
-                if s.depth == depth and s.energy_joules is not None:
-                    series.energy_joules[s.kind] = (
-                        series.energy_joules.get(s.kind, 0.0) + s.energy_joules
-                    )
-            ttfts = [r[3] for r in rows if r[3] is not None]
-            if ttfts:
-                series.time_to_first_token = sum(ttfts) / len(ttfts)
+            if kind == "prompt":
+                series.prompt_tokens += f.tokens
+                series.prompt_seconds += f.seconds
+                series.prompt_tokens_per_second = tps
+                if f.time_to_first_token is not None:
+                    series.time_to_first_token = f.time_to_first_token
+            else:
+                series.generated_tokens += f.tokens
+                series.generation_seconds += f.seconds
+                series.generation_tokens_per_second = tps
+            if f.energy_joules is not None:
+                series.energy_joules[kind] = series.energy_joules.get(kind, 0.0) + f.energy_joules

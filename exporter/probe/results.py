@@ -104,3 +104,35 @@ FAILURE_REASONS: Final = (
     INVALID_PREDICTED_N,
     SLOT_OUT_OF_RANGE,
 )
+
+
+@dataclass
+class Figure:
+    """One kind at one depth over a round: what the gauges, counters and log line show."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    energy_joules: float | None = None
+    ttfts: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        # Token-weighted over the round's repetitions, like the counters' rate ratio.
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return sum(self.ttfts) / len(self.ttfts) if self.ttfts else None
+
+
+def round_figures(samples: tuple[Sample, ...]) -> dict[tuple[int, Kind], Figure]:
+    figures: dict[tuple[int, Kind], Figure] = {}
+    for s in samples:
+        f = figures.setdefault((s.depth, s.kind), Figure())
+        f.tokens += s.tokens
+        f.seconds += s.seconds
+        if s.energy_joules is not None:
+            f.energy_joules = (f.energy_joules or 0.0) + s.energy_joules
+        if s.time_to_first_token is not None:
+            f.ttfts.append(s.time_to_first_token)
+    return figures

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from exporter import __version__, log
+from exporter.bench import command as bench_command
 from exporter.config import ENV_PREFIX, Config, ConfigError, load_config
 from exporter.daemon import Daemon
 from exporter.llama.client import LlamaClient
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="run the probe plan once, print it, exit 1 on failure")
     _add_settings_flags(probe)
     probe.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    # Listed for --help; `bench` has its own parser (see exporter.bench.command).
+    sub.add_parser(
+        "bench",
+        help="benchmark PP/TG, VRAM and KV cache across context sizes (bench --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -109,8 +116,11 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return bench_command.main(argv[1:], PROG)
     try:
-        args, config = parse(sys.argv[1:] if argv is None else argv)
+        args, config = parse(argv)
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from exporter import metrics
+from exporter.bench.record import load
+from exporter.bench.report import render_report, summary_table
 from exporter.cli import _FLAGS, env_name, parse
 from exporter.probe.results import DISCARD_REASONS, FAILURE_REASONS, SKIP_REASONS
 
@@ -54,3 +56,13 @@ def test_shipped_config_examples_load(name: str, monkeypatch: pytest.MonkeyPatch
     _, config = parse(["--config", str(tmp_path / name)])
     assert [t.name for t in config.targets] == ["coder"]
     assert config.targets[0].plan.depths == (0, 16384)
+
+
+def test_readme_bench_example_is_what_its_results_render() -> None:
+    """The shipped example report is the real one: rendered from the recorded samples."""
+    example = ROOT / "docs" / "bench"
+    record = load(example / "results.json")
+    assert (example / "report.md").read_text() == render_report(record)
+    assert "\n".join(summary_table(record)) in README
+    assert (example / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {run.status for run in record.runs} == {"stable"}

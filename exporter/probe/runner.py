@@ -88,6 +88,7 @@ class ProbeRunner:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         energy: Callable[[], float | None] = lambda: None,
+        on_sample: Callable[[Sample], None] = lambda _: None,
     ) -> None:
         self.target = target
         self.plan = plan
@@ -99,6 +100,7 @@ class ProbeRunner:
         self._clock = clock
         self._wall = wall_clock
         self._energy = energy
+        self._on_sample = on_sample
         self.last_server: ServerInfo | None = None
         self._last_duration = 0.0  # what the next round is expected to take
         # The token the probe slot holds right after the depth prefix. The next request's first
@@ -126,7 +128,10 @@ class ProbeRunner:
         except ServerError:
             return None
 
-    async def run_round(self, *, ignore_budget: bool = False) -> RoundResult:
+    async def run_round(
+        self, *, ignore_budget: bool = False, kinds: tuple[Kind, ...] = KINDS
+    ) -> RoundResult:
+        """One round of the plan; `kinds` narrows it to PP or TG only (bench's size sweeps)."""
         started_wall, started = self._wall(), self._clock()
         if not ignore_budget and not self._budget.allows(started, self._last_duration):
             return RoundResult(
@@ -149,15 +154,15 @@ class ProbeRunner:
                 if skip is not None:
                     skips.append(skip)
                 else:
-                    detail = await self._measure(info, logs, skips)
+                    detail = await self._measure(info, logs, skips, kinds)
         except TimeoutError:
             detail = f"probe round exceeded its {self.plan.timeout:g} s timeout"
             server_error = TIMEOUT if info is None else None
-            self._fail_all(logs, TIMEOUT)
+            self._fail_all(logs, TIMEOUT, kinds)
         except ServerError as exc:
             detail = exc.detail
             server_error = exc.reason if info is None else None
-            self._fail_all(logs, exc.reason)
+            self._fail_all(logs, exc.reason, kinds)
         duration = self._clock() - started
         self._budget.record(self._clock(), duration)
         if any(log.attempted for log in logs.values()):
@@ -175,9 +180,9 @@ class ProbeRunner:
         )
 
     @staticmethod
-    def _fail_all(logs: dict[Kind, _KindLog], reason: str) -> None:
+    def _fail_all(logs: dict[Kind, _KindLog], reason: str, kinds: tuple[Kind, ...]) -> None:
         """A round that breaks off fails every kind: none of them got a trustworthy sample."""
-        for log in logs.values():
+        for log in (logs[k] for k in kinds):
             log.attempted = True
             log.failure = log.failure or reason
 
@@ -202,7 +207,13 @@ class ProbeRunner:
             )
         return slot
 
-    async def _measure(self, info: ServerInfo, logs: dict[Kind, _KindLog], skips: list[str]) -> str:
+    async def _measure(
+        self,
+        info: ServerInfo,
+        logs: dict[Kind, _KindLog],
+        skips: list[str],
+        kinds: tuple[Kind, ...],
+    ) -> str:
         slot = self._probe_slot(info)
         n_prompt, n_gen = self.plan.prompt_tokens, self.plan.generation_tokens
         detail = ""
@@ -226,7 +237,7 @@ class ProbeRunner:
                     # Its one sampled token is never decoded: the slot ends at the prefix.
                     self._after_prefix = None
                 for _ in range(self.plan.repetitions):
-                    for kind in KINDS:
+                    for kind in kinds:
                         at_risk = kind
                         log = logs[kind]
                         log.attempted = True
@@ -234,7 +245,9 @@ class ProbeRunner:
                         joules_before = self._energy()
                         try:
                             sample = await self._sample(kind, info, prefix, slot)
-                            log.samples.append(self._with_energy(sample, joules_before))
+                            sample = self._with_energy(sample, joules_before)
+                            log.samples.append(sample)
+                            self._on_sample(sample)
                         except _InvalidSampleError as exc:
                             log.failure = log.failure or exc.reason
                             detail = str(exc)

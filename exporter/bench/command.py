@@ -1,0 +1,266 @@
+"""`llama-speed-exporter bench [run|compare|chart]`: flags, outputs and exit statuses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+import structlog
+from pydantic import SecretStr
+from rich.console import Console
+
+from exporter import log
+from exporter.bench.chart import ChartUnavailableError, write_chart
+from exporter.bench.compare import compare_markdown
+from exporter.bench.launch import ServerCommand, ServerCommandError, resolve_executable
+from exporter.bench.progress import LogProgress, TerminalProgress
+from exporter.bench.record import BenchFileError, BenchRecord, PlanRecord, load
+from exporter.bench.report import render_report, summary_table
+from exporter.bench.sweep import Bench, BenchSettings
+from exporter.gpu.nvml import Nvml
+
+EXIT_OK: Final = 0
+EXIT_NOT_ALL_STABLE: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130  # the shell's convention for a command ended by SIGINT
+SUBCOMMANDS: Final = ("run", "compare", "chart")
+RESULTS_JSON: Final = "results.json"
+REPORT_MD: Final = "report.md"
+CHART_PNG: Final = "chart.png"
+
+logger = structlog.get_logger("bench")
+
+
+def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of integers"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError("the list is empty")
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least {minimum}")
+        return values
+
+    return parse
+
+
+def _positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int]:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+
+    return parse
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} bench",
+        description="Benchmark llama-server's PP and TG speed, VRAM and KV cache across "
+        "context sizes, and write a Markdown report, JSON with every sample and a chart.",
+    )
+    sub = parser.add_subparsers(dest="bench_command", required=True)
+    run = sub.add_parser("run", help="run a bench (the default)")
+    mode = run.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--target", metavar="URL", help="benchmark this running llama-server")
+    mode.add_argument(
+        "--server-cmd",
+        metavar="CMD",
+        help='start this server once per --ctx value, e.g. "llama-server -m M.gguf -ngl 99"',
+    )
+    run.add_argument(
+        "--ctx",
+        type=_int_list(1),
+        metavar="LIST",
+        help="context sizes (-c) to launch, e.g. 32768,65536",
+    )
+    run.add_argument("--api-key-file", type=Path, help="file holding the --target server's API key")
+    run.add_argument(
+        "-p",
+        "--prompt-tokens",
+        type=_int_list(1),
+        default=(512,),
+        metavar="LIST",
+        help="PP sizes (default 512)",
+    )
+    run.add_argument(
+        "-n",
+        "--generation-tokens",
+        type=_int_list(2),
+        default=(128,),
+        metavar="LIST",
+        help="TG sizes (default 128)",
+    )
+    run.add_argument(
+        "-d",
+        "--depths",
+        type=_int_list(0),
+        default=(0,),
+        metavar="LIST",
+        help="tokens already in context, e.g. 0,4096,16384 (default 0)",
+    )
+    run.add_argument(
+        "-r", "--repetitions", type=_positive(int), default=5, help="samples per test (default 5)"
+    )
+    run.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up request")
+    run.add_argument(
+        "--probe-timeout",
+        type=_positive(float),
+        default=1800.0,
+        metavar="S",
+        help="seconds one run's probes may take (default 1800)",
+    )
+    run.add_argument(
+        "--load-timeout",
+        type=_positive(float),
+        default=600.0,
+        metavar="S",
+        help="seconds a launched server may take to load (default 600)",
+    )
+    run.add_argument("--label", help="name of this bench in reports (default: the model)")
+    run.add_argument(
+        "-o", "--out", type=Path, metavar="DIR", help="output directory (default bench-<UTC time>)"
+    )
+    run.add_argument("--no-gpu", action="store_true", help="do not read GPUs through NVML")
+    run.add_argument("--no-chart", action="store_true", help="do not draw chart.png")
+    run.add_argument("--log-format", choices=("console", "json"), default="console")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    compare = sub.add_parser("compare", help="compare two bench results, per context")
+    compare.add_argument("a", type=Path, metavar="A.json")
+    compare.add_argument("b", type=Path, metavar="B.json")
+    compare.add_argument("-o", "--out", type=Path, metavar="FILE", help="write Markdown here")
+    chart = sub.add_parser("chart", help="draw PP and TG against context for bench results")
+    chart.add_argument("results", type=Path, nargs="+", metavar="RESULT.json")
+    chart.add_argument("-o", "--out", type=Path, default=Path(CHART_PNG), metavar="FILE")
+    return parser
+
+
+def main(argv: Sequence[str], prog: str) -> int:
+    argv = list(argv)
+    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
+        argv.insert(0, "run")
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.bench_command == "compare":
+        return _compare(args)
+    if args.bench_command == "chart":
+        return _chart(args)
+    try:
+        settings = _settings(args)
+    except (ServerCommandError, OSError, ValueError) as exc:
+        parser.error(str(exc))
+    return _run(args, settings)
+
+
+def _settings(args: argparse.Namespace) -> BenchSettings:
+    if args.target is None and args.ctx is None:
+        ctxs: tuple[int | None, ...] = (None,)
+    elif args.target is not None and args.ctx is not None:
+        raise ValueError("--ctx needs --server-cmd: a running server's context is its own")
+    else:
+        ctxs = args.ctx or (None,)
+    command = None
+    if args.server_cmd is not None:
+        command = ServerCommand.parse(args.server_cmd)
+        resolve_executable(command.argv[0])  # a typo fails now, not once per context
+    api_key = None
+    if args.api_key_file is not None:
+        api_key = SecretStr(args.api_key_file.read_text(encoding="utf-8").strip())
+    out = args.out or Path(f"bench-{datetime.now(UTC):%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    args.out = out
+    plan = PlanRecord(
+        prompt_tokens=args.prompt_tokens,
+        generation_tokens=args.generation_tokens,
+        depths=args.depths,
+        repetitions=args.repetitions,
+        warmup=not args.no_warmup,
+    )
+    return BenchSettings(
+        plan=plan,
+        probe_timeout=args.probe_timeout,
+        load_timeout=args.load_timeout,
+        log_dir=out / "logs",
+        label=args.label,
+        command=command,
+        ctxs=ctxs,
+        target=args.target,
+        api_key=api_key,
+    )
+
+
+def _interrupt_on_sigterm() -> None:
+    # SIGTERM (systemd, docker stop, kill) ends a bench as Ctrl-C does: server stopped,
+    # partial results written. Re-raising as SIGINT lets asyncio cancel a running probe.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+
+def _run(args: argparse.Namespace, settings: BenchSettings) -> int:
+    out: Path = args.out
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True)
+    interactive = console.is_terminal and args.log_format == "console"
+    progress = TerminalProgress(console) if interactive else LogProgress()
+    nvml = None if args.no_gpu else Nvml()
+
+    def write(record: BenchRecord) -> None:
+        record.save(out / RESULTS_JSON)
+        (out / REPORT_MD).write_text(render_report(record, json_name=RESULTS_JSON), "utf-8")
+
+    _interrupt_on_sigterm()
+    with progress:
+        # Configured inside the display, so that log lines print above its bars.
+        log.configure(args.log_format, args.log_level or ("warning" if interactive else "info"))
+        try:
+            record = Bench(settings, nvml=nvml, observer=progress, on_update=write).execute()
+        finally:
+            if nvml is not None:
+                nvml.close()
+    if not args.no_chart and any(run.tests for run in record.runs):
+        try:
+            write_chart([record], out / CHART_PNG)
+        except ChartUnavailableError as exc:
+            logger.warning("chart_skipped", reason=str(exc))
+    print("\n".join(summary_table(record)))
+    print(f"\nReport: {out / REPORT_MD}\nSamples: {out / RESULTS_JSON}")
+    if record.interrupted:
+        return EXIT_INTERRUPTED
+    stable = record.runs and all(run.status == "stable" for run in record.runs)
+    return EXIT_OK if stable else EXIT_NOT_ALL_STABLE
+
+
+def _compare(args: argparse.Namespace) -> int:
+    try:
+        text = compare_markdown(load(args.a), load(args.b))
+    except BenchFileError as exc:
+        print(f"bench compare: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.out is not None:
+        args.out.write_text(text, encoding="utf-8")
+    else:
+        print(text, end="")
+    return EXIT_OK
+
+
+def _chart(args: argparse.Namespace) -> int:
+    try:
+        write_chart([load(path) for path in args.results], args.out)
+    except (BenchFileError, ChartUnavailableError) as exc:
+        print(f"bench chart: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(args.out)
+    return EXIT_OK

@@ -1,0 +1,249 @@
+"""`bench compare`: two bench results side by side, as the comparison table of a hand-made report.
+
+Rows are paired by context (`run.context`: the -c a launched server was given, else the server's
+context per slot) and columns by test
+(kind, tokens and depth, in llama-bench's order). Each context gets a row per run and a row with
+B's difference from A: relative for each speed, with whether Welch's t-test at 95 % over the
+repetitions puts it beyond their noise, and absolute, in GiB, for memory.
+
+Only stable runs show figures: the others show their status and reason, because a partial or
+failing run's figures do not measure what a stable one does. A context that one file lacks
+shows "not measured" for it; a file with two runs of one context keeps both, the second as
+"32k #2". "—" marks a figure that does not exist.
+
+The memory column is the VRAM used on all GPUs together, as nvidia-smi shows it
+(`vram_used_bytes`), when any stable run of either file has it; runs without it show "n/a".
+When no stable run has GPU figures (no NVML: CPU only, or another vendor's GPU) but both files
+have the server's resident memory, the column is "RSS (GiB)" instead: the closest figure to what
+the model costs there. Otherwise it stays "VRAM (GiB)", all "n/a".
+
+Contexts read "32k" when they are a whole number of 1024 tokens (how -c values are given) and
+with thousands separators otherwise ("1,000"). The output depends on the records only, so it can
+be compared with a golden file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+from exporter.bench.record import STATUS_TEXT, BenchRecord, RunRecord
+from exporter.bench.stats import Kind, TestStats, differs, test_name
+from exporter.bench.units import GIB, MIB, ctx_label, speed
+
+ABSENT: Final = "—"
+
+Verdict = Literal["significant", "within noise", "noise unknown"]
+# (depth, is generation, tokens): sorting by it gives llama-bench's order, pp before tg per depth.
+TestKey = tuple[int, bool, int]
+# (n_ctx, occurrence): a file may hold two runs with the same context; neither is dropped.
+ContextKey = tuple[int | None, int]
+
+LEGEND: Final = (
+    "Speeds: mean ± sample standard deviation of tokens per second over the repetitions, "
+    "(n=1) for a single one; — where a run has no such figure. B vs A: B's speed relative to "
+    "A's, *significant* when Welch's t-test over the repetitions rejects equal means at 95 %, "
+    "*within noise* when it does not, *noise unknown* when a run has a single repetition; "
+    "memory and KV cache: B minus A, in their columns' units."
+)
+
+
+def verdict(a: TestStats, b: TestStats) -> Verdict:
+    """Whether b's mean differs from a's beyond the repetitions' noise, in the table's words."""
+    differ = differs(a, b)
+    if differ is None:
+        return "noise unknown"
+    return "significant" if differ else "within noise"
+
+
+def relative_change_percent(a: float, b: float) -> float | None:
+    return (b - a) / a * 100 if a else None
+
+
+def compare_markdown(
+    a: BenchRecord, b: BenchRecord, *, name_a: str | None = None, name_b: str | None = None
+) -> str:
+    na, nb = _names(a, b, name_a, name_b)
+    runs_a, runs_b = _by_context(a.runs), _by_context(b.runs)
+    tests = _test_columns(a, b)
+    memory = [_memory_column(a, b), _KV_COLUMN]
+    header = [
+        "Context",
+        "Run",
+        *(f"{_test_title(key)} (tok/s)" for key in tests),
+        *(m.title for m in memory),
+        "Status",
+    ]
+    rows: list[list[str]] = []
+    for key in sorted(runs_a.keys() | runs_b.keys(), key=_context_order):
+        ra, rb = runs_a.get(key), runs_b.get(key)
+        ctx = _context_cell(key)
+        rows.append([ctx, na, *_run_cells(ra, tests, memory)])
+        rows.append([ctx, nb, *_run_cells(rb, tests, memory)])
+        rows.append([ctx, "B vs A", *_difference_cells(ra, rb, tests, memory)])
+    body = _table(header, rows) if rows else "Neither file has a run."
+    parts = [
+        f"## Comparison: {na} vs {nb}",
+        f"- A: {_describe(na, a)}\n- B: {_describe(nb, b)}",
+        body,
+        LEGEND,
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+@dataclass(frozen=True)
+class _Memory:
+    title: str
+    bytes_of: Callable[[RunRecord], int | None]
+    unit: int = GIB
+    digits: int = 2
+
+    def cell(self, run: RunRecord) -> str:
+        value = self.bytes_of(run)
+        return "n/a" if value is None else f"{value / self.unit:.{self.digits}f}"
+
+    def difference(self, a: RunRecord, b: RunRecord) -> str:
+        va, vb = self.bytes_of(a), self.bytes_of(b)
+        return ABSENT if va is None or vb is None else _signed((vb - va) / self.unit, self.digits)
+
+
+# What a cache-type or context change is about: the KV cache the server allocates.
+_KV_COLUMN: Final = _Memory(
+    "KV cache (MiB)", lambda run: run.kv.bytes if run.kv else None, unit=MIB, digits=1
+)
+
+
+def _names(
+    a: BenchRecord, b: BenchRecord, name_a: str | None, name_b: str | None
+) -> tuple[str, str]:
+    na, nb = name_a or a.label, name_b or b.label
+    if na == nb:
+        # Equal names would make the rows, and which way a difference goes, unreadable.
+        return f"A ({na})", f"B ({nb})"
+    return na, nb
+
+
+def _describe(name: str, record: BenchRecord) -> str:
+    named = f"**{name}**" if name == record.label else f"**{name}** (`{record.label}`)"
+    text = (
+        f"{named}, llama.cpp build {record.llama_cpp_build}, "
+        f"started {_when(record.started_at)}, {record.mode} mode"
+    )
+    return text + ", interrupted" if record.interrupted else text
+
+
+def _when(iso: str) -> str:
+    try:
+        when = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _by_context(runs: Sequence[RunRecord]) -> dict[ContextKey, RunRecord]:
+    seen: dict[int | None, int] = {}
+    out: dict[ContextKey, RunRecord] = {}
+    for run in runs:
+        occurrence = seen.get(run.context, 0)
+        seen[run.context] = occurrence + 1
+        out[(run.context, occurrence)] = run
+    return out
+
+
+def _context_order(key: ContextKey) -> tuple[bool, int, int]:
+    n_ctx, occurrence = key
+    return (n_ctx is None, n_ctx or 0, occurrence)
+
+
+def _context_cell(key: ContextKey) -> str:
+    n_ctx, occurrence = key
+    label = ctx_label(n_ctx)
+    return f"{label} #{occurrence + 1}" if occurrence else label
+
+
+def _stable(record: BenchRecord) -> list[RunRecord]:
+    return [run for run in record.runs if run.status == "stable"]
+
+
+def _tests_of(run: RunRecord) -> dict[TestKey, TestStats]:
+    return {(t.depth, t.kind != "prompt", t.tokens): t for t in run.tests}
+
+
+def _test_columns(a: BenchRecord, b: BenchRecord) -> list[TestKey]:
+    keys = {key for run in (*_stable(a), *_stable(b)) for key in _tests_of(run)}
+    return sorted(keys)
+
+
+def _test_title(key: TestKey) -> str:
+    depth, generation, tokens = key
+    kind: Kind = "generation" if generation else "prompt"
+    return test_name(kind, tokens, depth)
+
+
+def _memory_column(a: BenchRecord, b: BenchRecord) -> _Memory:
+    stable_a, stable_b = _stable(a), _stable(b)
+    no_gpu = all(run.vram_used_bytes is None for run in (*stable_a, *stable_b))
+    if no_gpu and all(
+        any(run.server_rss_bytes is not None for run in runs) for runs in (stable_a, stable_b)
+    ):
+        return _Memory("RSS (GiB)", lambda run: run.server_rss_bytes)
+    return _Memory("VRAM (GiB)", lambda run: run.vram_used_bytes)
+
+
+def _run_cells(run: RunRecord | None, tests: list[TestKey], memory: list[_Memory]) -> list[str]:
+    blanks = [ABSENT] * (len(tests) + len(memory))
+    if run is None:
+        return [*blanks, "not measured"]
+    if run.status != "stable":
+        status = STATUS_TEXT[run.status]
+        return [*blanks, f"{status}: {run.reason}" if run.reason else status]
+    measured = _tests_of(run)
+    speeds = [_speed(measured.get(key)) for key in tests]
+    return [*speeds, *(m.cell(run) for m in memory), STATUS_TEXT["stable"]]
+
+
+def _difference_cells(
+    ra: RunRecord | None, rb: RunRecord | None, tests: list[TestKey], memory: list[_Memory]
+) -> list[str]:
+    if ra is None or rb is None or ra.status != "stable" or rb.status != "stable":
+        return [*([ABSENT] * (len(tests) + len(memory))), "not comparable"]
+    ta, tb = _tests_of(ra), _tests_of(rb)
+    speeds = [_speed_difference(ta.get(key), tb.get(key)) for key in tests]
+    return [*speeds, *(m.difference(ra, rb) for m in memory), ""]
+
+
+def _speed(stats: TestStats | None) -> str:
+    return ABSENT if stats is None else speed(stats)
+
+
+def _speed_difference(a: TestStats | None, b: TestStats | None) -> str:
+    if a is None or b is None:
+        return ABSENT
+    change = relative_change_percent(a.mean, b.mean)
+    if change is None:
+        return f"n/a ({verdict(a, b)})"
+    return f"{_signed(change, 1)} % ({verdict(a, b)})"
+
+
+def _signed(value: float, digits: int) -> str:
+    # Adding 0.0 turns the -0.0 that rounding a tiny loss gives into 0.0: "+0.0", never "-0.0".
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
+
+
+def _escape(cell: str) -> str:
+    return cell.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    grid = [[_escape(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in grid) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(grid[0]), rule, *(line(row) for row in grid[1:])])

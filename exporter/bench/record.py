@@ -187,7 +187,7 @@ def load(path: Path) -> BenchRecord:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BenchFileError(f"{path}: not JSON: {exc}") from None
     if not isinstance(data, dict):
-        kind = {list: "list", str: "string"}.get(type(data), "value")
+        kind = "list" if isinstance(data, list) else "string" if isinstance(data, str) else "value"
         raise BenchFileError(f"{path}: not a bench result (a JSON {kind}, not an object)")
     if data.get("schema") != SCHEMA:
         found = data.get("schema")

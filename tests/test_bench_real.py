@@ -6,6 +6,7 @@ figures against the JSON samples, the statuses, and that no llama-server outlive
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -20,9 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import httpx
 import pytest
 
-from exporter.bench.record import BenchRecord, RunRecord, load
+from exporter.bench.progress import LogProgress
+from exporter.bench.record import BenchRecord, PlanRecord, RunRecord, load
+from exporter.bench.sweep import Bench, BenchSettings
 from tests.conftest import StartServer
 
 BENCH = [sys.executable, "-m", "exporter", "bench"]
@@ -262,6 +266,112 @@ def test_an_interrupt_stops_the_server_and_writes_what_was_measured(
     report = (out / "report.md").read_text()
     assert "**Interrupted:**" in report
     assert "⏹️ Interrupted" in report
+
+
+def test_an_interrupt_while_the_server_loads_stops_its_whole_process_group(tmp_path: Path) -> None:
+    # A wrapper whose child never serves: the bench waits for /health until it is interrupted.
+    child_pid_file = tmp_path / "child.pid"
+    script = f"sleep 600 & echo $! > {shlex.quote(str(child_pid_file))}; wait"
+    proc = subprocess.Popen(
+        [*BENCH, "--server-cmd", shlex.join(["sh", "-c", script, "sh"]), "--ctx", "1024",
+         *SMALL, "-o", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines = _Lines(proc)
+    try:
+        wrapper = int(str(lines.wait_for("llama_server_started", EXIT_DEADLINE_S)["pid"]))
+        deadline = time.monotonic() + EXIT_DEADLINE_S
+        while not (child_pid_file.exists() and child_pid_file.read_text().strip()):
+            assert time.monotonic() < deadline, "the wrapper never started its child"
+            # Paces the poll, and would end it at once if the bench exited instead.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                assert proc.wait(timeout=0.05) is None, lines.rest()[-3000:]
+        child = int(child_pid_file.read_text())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=EXIT_DEADLINE_S) == 130, lines.rest()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        lines.close()
+    # The child was not the bench's own: only signalling the process group reaches it.
+    assert_gone([wrapper])
+    deadline = time.monotonic() + EXIT_DEADLINE_S
+    while Path(f"/proc/{child}").exists() and _state(child) != "Z":
+        assert time.monotonic() < deadline, f"the server's child {child} outlived the bench"
+    (run,) = load(tmp_path / "out" / "results.json").runs
+    assert (run.status, run.samples) == ("interrupted", ())
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat[stat.rfind(")") + 2]
+
+
+def _slots_busy(url: str) -> bool:
+    return any(s["is_processing"] for s in httpx.get(f"{url}/slots").json())
+
+
+@pytest.mark.parametrize("ends_after_first_wait", [False, True])
+def test_a_busy_running_server_is_waited_for(
+    llama_server: StartServer, tmp_path: Path, ends_after_first_wait: bool
+) -> None:
+    # Context shift lets the production request generate until its client goes away.
+    server = llama_server("-c", "4096", "-np", "2", "--context-shift")
+    body = {"prompt": [1], "n_predict": -1, "ignore_eos": True, "id_slot": 0, "stream": True}
+    done = threading.Event()
+
+    # A production request that outlasts every retry. Streamed, so that closing it stops it:
+    # llama-server drops the task of a client that went away.
+    def produce() -> None:
+        with httpx.stream("POST", f"{server.url}/completion", json=body, timeout=120) as answer:
+            for _ in answer.iter_lines():
+                if done.is_set():
+                    return
+
+    def end_production() -> None:
+        done.set()
+        production.join(timeout=EXIT_DEADLINE_S)
+        deadline = time.monotonic() + EXIT_DEADLINE_S
+        while _slots_busy(server.url):
+            assert time.monotonic() < deadline, "the production request never ended"
+
+    production = threading.Thread(target=produce, daemon=True)
+    production.start()
+    deadline = time.monotonic() + EXIT_DEADLINE_S
+    while not _slots_busy(server.url):
+        assert time.monotonic() < deadline, "the production request never started"
+    settings = BenchSettings(
+        plan=PlanRecord(prompt_tokens=(64,), generation_tokens=(16,), depths=(0,),
+                        repetitions=2, warmup=True),
+        probe_timeout=30, load_timeout=30, log_dir=tmp_path,
+        target=server.url, busy_retries=2, busy_wait_s=0.1,
+    )  # fmt: skip
+    waits: list[str] = []
+
+    def phase(text: str) -> None:
+        if text.startswith("server busy"):
+            waits.append(text)
+            if ends_after_first_wait:
+                end_production()
+
+    observer = LogProgress()
+    observer.phase = phase  # type: ignore[method-assign]
+    try:
+        (run,) = (
+            Bench(settings, nvml=None, observer=observer, on_update=lambda _: None).execute().runs
+        )
+    finally:
+        end_production()
+    if ends_after_first_wait:
+        assert len(waits) == 1
+        assert (run.status, len(run.samples)) == ("stable", 4)
+    else:
+        assert len(waits) == 2  # waited as often as allowed, then reported
+        assert (run.status, run.problems[0], run.samples) == ("probe_failed", "busy", ())
 
 
 def test_against_a_running_server_depths_past_its_context_are_skipped(

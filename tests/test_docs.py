@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from exporter import metrics
+from exporter.bench import command as bench_command
 from exporter.bench.record import load
 from exporter.bench.report import render_report, summary_table
 from exporter.cli import _FLAGS, env_name, parse
@@ -66,3 +67,13 @@ def test_readme_bench_example_is_what_its_results_render() -> None:
     assert "\n".join(summary_table(record)) in README
     assert (example / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {run.status for run in record.runs} == {"stable"}
+
+
+def test_bench_doc_lists_every_bench_flag() -> None:
+    doc = (ROOT / "docs" / "bench.md").read_text()
+    parser = bench_command.build_parser("llama-speed-exporter")
+    subcommands = next(a for a in parser._actions if a.dest == "bench_command")
+    run = subcommands.choices["run"]  # type: ignore[index]
+    flags = {o for action in run._actions for o in action.option_strings if o.startswith("--")}
+    missing = {flag for flag in flags - {"--help"} if f"`{flag}" not in doc}
+    assert not missing

@@ -159,8 +159,18 @@ def test_counters_agree_with_the_servers_own_counters(llama_server: StartServer)
     assert ours_pp == 4 * 4096 and ours_tg == 4 * 255
     server_pp = delta("prompt_tokens_total") / delta("prompt_seconds_total")
     server_tg = delta("tokens_predicted_total") / delta("tokens_predicted_seconds_total")
-    assert ours_pp / ours_pp_s == pytest.approx(server_pp, rel=0.02)
-    assert ours_tg / ours_tg_s == pytest.approx(server_tg, rel=0.02)
+    # The server's counters are the sums of every request's timings, probes' extras included:
+    # the exporter read the same timings, so it accounts for the server's figures (to 0.2% in
+    # practice: the server's bookkeeping of a request differs slightly from its `timings`).
+    every = [s.timings for r in results for s in r.samples]
+    counted_pp = sum(t.prompt_n for t in every) / sum(t.prompt_ms for t in every) * 1000
+    counted_tg = sum(t.predicted_n for t in every) / sum(t.predicted_ms for t in every) * 1000
+    assert server_pp == pytest.approx(counted_pp, rel=5e-3)
+    assert server_tg == pytest.approx(counted_tg, rel=5e-3)
+    # And the extras are small: how far the probes' own figures are from the server's depends
+    # on how long one-token prompts take on a loaded machine, a few milliseconds each.
+    assert ours_pp / ours_pp_s == pytest.approx(server_pp, rel=0.05)
+    assert ours_tg / ours_tg_s == pytest.approx(server_tg, rel=0.05)
 
 
 def poll(predicate: Callable[[], bool], timeout: float = 20) -> None:

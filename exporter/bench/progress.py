@@ -32,7 +32,11 @@ def _outcome(run: RunRecord) -> str:
 
 
 class TerminalProgress:
-    """One bar per run, advancing with each sample; finished runs stay on screen."""
+    """One bar per run, advancing with each sample; finished runs stay on screen.
+
+    Every event is drawn at once (`refresh=True`), not at the display's next tick: a phase can
+    be shorter than a tick, and the last sample before an interrupt should be on screen.
+    """
 
     def __init__(self, console: Console) -> None:
         self._progress = Progress(
@@ -64,7 +68,7 @@ class TerminalProgress:
 
     def phase(self, text: str) -> None:
         if self._task is not None:
-            self._progress.update(self._task, description=f"{self._title}: {text}")
+            self._progress.update(self._task, description=f"{self._title}: {text}", refresh=True)
 
     def sample(self, sample: Sample) -> None:
         if self._task is not None:
@@ -73,11 +77,14 @@ class TerminalProgress:
                 self._task,
                 advance=1,
                 description=f"{self._title}: {name} {sample.tokens_per_second:.2f} t/s",
+                refresh=True,
             )
 
     def run_finished(self, run: RunRecord) -> None:
         if self._task is not None:
-            self._progress.update(self._task, description=f"{self._title}: {_outcome(run)}")
+            self._progress.update(
+                self._task, description=f"{self._title}: {_outcome(run)}", refresh=True
+            )
             self._progress.stop_task(self._task)
 
 

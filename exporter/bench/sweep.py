@@ -25,7 +25,7 @@ from pydantic import SecretStr
 
 from exporter import __version__
 from exporter.bench.host import build_label, host_record
-from exporter.bench.launch import ServerCommand
+from exporter.bench.launch import ServerCommand, ServerCommandError, resolve_executable
 from exporter.bench.memory import MemoryPeak, process_group
 from exporter.bench.record import (
     BenchRecord,
@@ -201,13 +201,19 @@ class Bench:
     def execute(self) -> BenchRecord:
         """Every run in turn; an interrupt ends the bench with what was measured so far."""
         runs: list[RunRecord] = []
-        ctxs = self.settings.ctxs if self.settings.command else (None,)
+        command, target = self.settings.command, self.settings.target
+        ctxs = self.settings.ctxs if command else (None,)
         interrupted = False
         for index, ctx in enumerate(ctxs, start=1):
             title = f"ctx {ctx}" if ctx is not None else "running server"
             self._observer.run_started(index, len(ctxs), title, self.settings.samples_expected())
             try:
-                run = self._launch_run(ctx) if self.settings.command else self._target_run()
+                if command is not None:
+                    run = self._launch_run(command, ctx)
+                elif target is not None:
+                    run = self._target_run(target)
+                else:
+                    raise ValueError("a bench needs a server command or a target")
             except _InterruptedRunError as exc:
                 run, interrupted = exc.run, True
             runs.append(run)
@@ -234,15 +240,14 @@ class Bench:
         command = self.settings.command
         if command is None:
             return None
-        with contextlib.suppress(ValueError):
-            return command.for_ctx(None, 0)[0]
-        return None
+        try:
+            return resolve_executable(command.argv[0])
+        except ServerCommandError:
+            return None
 
     # -- launch mode ---------------------------------------------------------------------
 
-    def _launch_run(self, ctx: int | None) -> RunRecord:
-        command = self.settings.command
-        assert command is not None  # noqa: S101  # execute() calls this in launch mode only
+    def _launch_run(self, command: ServerCommand, ctx: int | None) -> RunRecord:
         state = _RunState(ctx)
         started = self._clock()
         log_path = self.settings.log_dir / f"llama-server-ctx-{ctx or 'default'}.log"
@@ -307,9 +312,7 @@ class Bench:
 
     # -- target mode ---------------------------------------------------------------------
 
-    def _target_run(self) -> RunRecord:
-        url = self.settings.target
-        assert url is not None  # noqa: S101  # execute() calls this in target mode only
+    def _target_run(self, url: str) -> RunRecord:
         state = _RunState(None)
         started = self._clock()
         pid = _local_pid(url)

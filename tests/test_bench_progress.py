@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import structlog
 from rich.console import Console
 
 from exporter import log
@@ -34,16 +36,29 @@ def test_the_terminal_shows_each_run_with_its_last_sample_then_its_outcome() -> 
     assert "[2/2] ctx 262144: ❌ Not stable (" in shown
 
 
-def test_without_a_terminal_each_event_is_a_log_line(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def stdlib_logs() -> Iterator[None]:
+    """The command's logging (structlog through the standard library), for one test."""
+    root = logging.getLogger()
+    handlers, level, config = root.handlers[:], root.level, structlog.get_config()
     log.configure("json", "debug")
     try:
-        with LogProgress() as progress:
-            progress.run_started(1, 1, "ctx 4096", 2)
-            progress.sample(SAMPLE)
-            progress.run_finished(stable_run())
+        yield
     finally:
-        logging.getLogger().handlers.clear()
-    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**config)
+
+
+@pytest.mark.usefixtures("stdlib_logs")
+def test_without_a_terminal_each_event_is_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="bench")
+    with LogProgress() as progress:
+        progress.run_started(1, 1, "ctx 4096", 2)
+        progress.sample(SAMPLE)
+        progress.run_finished(stable_run())
+    # structlog hands the standard library its event dict, rendered only by the handler.
+    events: list[dict[str, Any]] = [r.msg for r in caplog.records if r.name == "bench"]
     assert [e["event"] for e in events] == [
         "bench_run_started",
         "bench_sample",

@@ -1,4 +1,4 @@
-"""`llama-speed-exporter bench` as a command (usage errors, compare, chart) and sweep helpers.
+"""`llama-speed-exporter bench` as a command (usage errors, compare, chart, report) and helpers.
 
 The command runs in a subprocess as the owner runs it, but only along paths that end before a
 server would start: flag mistakes must exit 2 with a message saying what is wrong, and leave no
@@ -16,6 +16,7 @@ import pytest
 
 from exporter.bench.compare import compare_markdown
 from exporter.bench.record import BenchRecord, load
+from exporter.bench.report import render_report
 from exporter.bench.sweep import _needs_retry, _round_problems, kv_log_bytes
 from exporter.probe.results import (
     DISCARD_OVERLAP,
@@ -140,6 +141,16 @@ def test_compare_writes_to_a_file_with_out(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     assert (tmp_path / "cmp.md").read_text() == compare_markdown(seed_record(), q2_record())
+
+
+def test_report_renders_a_saved_result_again(tmp_path: Path) -> None:
+    seed_record().save(tmp_path / "iq3.json")
+    done = bench("report", "iq3.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == render_report(seed_record(), json_name="iq3.json")
+    missing = bench("report", "nope.json", cwd=tmp_path)
+    assert missing.returncode == EXIT_USAGE
+    assert "nope.json" in missing.stderr
 
 
 def test_chart_writes_a_png(tmp_path: Path) -> None:

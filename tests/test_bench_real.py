@@ -378,14 +378,19 @@ def test_against_a_running_server_depths_past_its_context_are_skipped(
     llama_server: StartServer, tmp_path: Path
 ) -> None:
     server = llama_server("-c", "2048")
-    done = bench("--target", server.url, "-d", "0,512,4096", *SMALL, "-o", str(tmp_path))
+    # Two PP sizes and one TG size: the second round measures PP only.
+    sizes = ["-p", "64,128", "-n", "16"]
+    done = bench("--target", server.url, "-d", "0,512,4096", *SMALL, *sizes, "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     record = load(tmp_path / "results.json")
     (run,) = record.runs
     assert record.mode == "target"
     assert run.status == "stable"
     assert run.skipped_depths == (4096,)
-    assert {s.depth for s in run.samples} == {0, 512}
+    assert [(t.name, t.n) for t in run.tests] == [
+        ("pp64", 3), ("pp128", 3), ("tg16", 3),
+        ("pp64 @ d512", 3), ("pp128 @ d512", 3), ("tg16 @ d512", 3),
+    ]  # fmt: skip
     assert run.server is not None and run.server.n_ctx == 2048
     # The server's options come from its process: f16 cache unless told otherwise.
     assert run.kv is not None and (run.kv.type_k, run.kv.type_v) == ("f16", "f16")

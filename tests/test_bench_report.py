@@ -364,7 +364,7 @@ def test_the_header_describes_model_hardware_command_and_plan() -> None:
         "AMD Ryzen 7 5700X 8-Core Processor (16 threads), 64.00 GiB RAM  \n"
     ) in report
     assert f"**Server command:** `{' '.join(COMMAND)} -c <context>`  \n" in report
-    assert "**Cache:** K q8_0, V q4_0  \n" in report
+    assert "**Cache:** K q8_0, V q4_0; flash attention on; 4 slots, unified  \n" in report
     assert "**Probes:** pp512, tg128 at depth 0, 4096; 3 repetitions after a warm-up;" in report
     assert "Every sample is in `iq3m.json`." in report
 

@@ -1,4 +1,4 @@
-"""`llama-speed-exporter bench [run|compare|chart]`: flags, outputs and exit statuses."""
+"""`llama-speed-exporter bench [run|compare|chart|report]`: flags, outputs and exit statuses."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ EXIT_OK: Final = 0
 EXIT_NOT_ALL_STABLE: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130  # the shell's convention for a command ended by SIGINT
-SUBCOMMANDS: Final = ("run", "compare", "chart")
+SUBCOMMANDS: Final = ("run", "compare", "chart", "report")
 RESULTS_JSON: Final = "results.json"
 REPORT_MD: Final = "report.md"
 CHART_PNG: Final = "chart.png"
@@ -143,6 +143,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     compare.add_argument("a", type=Path, metavar="A.json")
     compare.add_argument("b", type=Path, metavar="B.json")
     compare.add_argument("-o", "--out", type=Path, metavar="FILE", help="write Markdown here")
+    report = sub.add_parser("report", help="render a bench result's Markdown report again")
+    report.add_argument("result", type=Path, metavar="RESULT.json")
+    report.add_argument("-o", "--out", type=Path, metavar="FILE", help="write Markdown here")
     chart = sub.add_parser("chart", help="draw PP and TG against context for bench results")
     chart.add_argument("results", type=Path, nargs="+", metavar="RESULT.json")
     chart.add_argument("-o", "--out", type=Path, default=Path(CHART_PNG), metavar="FILE")
@@ -159,6 +162,8 @@ def main(argv: Sequence[str], prog: str) -> int:
         return _compare(args)
     if args.bench_command == "chart":
         return _chart(args)
+    if args.bench_command == "report":
+        return _report(args)
     try:
         settings = _settings(args)
     except (ServerCommandError, OSError, ValueError) as exc:
@@ -227,6 +232,11 @@ def _run(args: argparse.Namespace, settings: BenchSettings) -> int:
         log.configure(args.log_format, args.log_level or ("warning" if interactive else "info"))
         try:
             record = Bench(settings, nvml=nvml, observer=progress, on_update=write).execute()
+        except KeyboardInterrupt:
+            # Between runs, or a second Ctrl-C while a server stops: every finished run is
+            # already written, and the server it started was stopped on the way out.
+            logger.warning("bench_interrupted", results=str(out / RESULTS_JSON))
+            return EXIT_INTERRUPTED
         finally:
             if nvml is not None:
                 nvml.close()
@@ -249,8 +259,21 @@ def _compare(args: argparse.Namespace) -> int:
     except BenchFileError as exc:
         print(f"bench compare: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+    return _emit(text, args.out)
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        text = render_report(load(args.result), json_name=args.result.name)
+    except BenchFileError as exc:
+        print(f"bench report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return _emit(text, args.out)
+
+
+def _emit(text: str, out: Path | None) -> int:
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
     else:
         print(text, end="")
     return EXIT_OK

@@ -13,6 +13,7 @@ from pathlib import PurePath
 
 from exporter.bench.record import STATUS_TEXT, BenchRecord, RunRecord
 from exporter.bench.units import ctx_label, gib, size, speed
+from exporter.kv.server_args import ServerArgsError, server_kv_args
 
 
 def render_report(record: BenchRecord, *, json_name: str = "results.json") -> str:
@@ -54,9 +55,21 @@ def _header(record: BenchRecord) -> list[str]:
         lines.append(_line("Server", f"`{record.target}` (already running)"))
     kv = next((r.kv for r in record.runs if r.kv is not None), None)
     if kv is not None:
-        lines.append(_line("Cache", f"K {kv.type_k}, V {kv.type_v}"))
+        lines.append(_line("Cache", f"K {kv.type_k}, V {kv.type_v}" + _cache_layout(record)))
     lines.append(_line("Probes", _probes(record)))
     return lines
+
+
+def _cache_layout(record: BenchRecord) -> str:
+    """Flash attention and slots, as the launched command sets them (llama-server's rules)."""
+    if record.command is None:
+        return ""
+    try:
+        args = server_kv_args(record.command, {})
+    except ServerArgsError:
+        return ""  # a wrapper's own options, not llama-server's
+    layout = "unified" if args.kv_unified else "one cache per slot"
+    return f"; flash attention {args.flash_attn}; {args.n_parallel} slots, {layout}"
 
 
 def _hardware(record: BenchRecord) -> str:

@@ -7,6 +7,7 @@ Nothing but pynvml, pytest, prometheus_client and the exporter is needed; no GPU
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.bench.memory import MemoryPeak, host_gpus
 from exporter.gpu.collector import GPU_METRICS, GpuCollector
 from exporter.gpu.nvml import REASONS, GpuReading, Nvml
 
@@ -182,3 +184,20 @@ def test_collector_renders_real_gpus(pynvml: Any, nvml: Nvml, reading: GpuReadin
         assert any(s.labels["uuid"] == holder[0].uuid for s in process)
         for s in process:
             assert 0 < s.value <= total.get(s.labels["uuid"], TIB)
+
+
+def test_bench_memory_peak_reads_every_gpu(nvml: Nvml, reading: GpuReading) -> None:
+    """`bench`'s per-run reading: whole-GPU memory, and nothing held by a process that has no
+    CUDA context (this test's own)."""
+    peak = MemoryPeak(nvml, lambda: {os.getpid()})
+    peak.sample()
+    assert [g.index for g in peak.gpus] == [g.index for g in reading.gpus]
+    assert peak.note == ""
+    for gpu in peak.gpus:
+        assert gpu.total_bytes is None or gpu.total_bytes > 0
+        if gpu.used_bytes is not None and gpu.total_bytes is not None:
+            assert 0 <= gpu.used_bytes <= gpu.total_bytes
+        assert gpu.server_bytes in (0, None)  # None where the process lists are refused
+    gpus, driver = host_gpus(nvml)
+    assert [g.name for g in gpus] == [g.name for g in reading.gpus]
+    assert driver == reading.driver_version

@@ -410,24 +410,24 @@ def test_loading_another_schema_is_refused(tmp_path: Path) -> None:
         load(path)
 
 
-def test_loading_a_file_that_is_not_a_bench_result_says_so(tmp_path: Path) -> None:
-    path = tmp_path / "other.json"
-    path.write_text('{"model": "x", "results": []}')
-    with pytest.raises(BenchFileError, match=r"other\.json: not a bench result \(schema None"):
-        load(path)
-
-
-def test_loading_a_file_that_is_not_json_says_so(tmp_path: Path) -> None:
-    path = tmp_path / "report.md"
-    path.write_text("# a Markdown report\n")
-    with pytest.raises(BenchFileError, match=r"report\.md: not JSON"):
-        load(path)
-
-
-def test_loading_a_json_list_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "list.json"
-    path.write_text("[1, 2]")
-    with pytest.raises(BenchFileError, match=r"list\.json: not a bench result \(a JSON list, not"):
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "other.json",
+            '{"model": "x", "results": []}',
+            r"other\.json: not a bench result \(schema None",
+        ),
+        ("report.md", "# a Markdown report\n", r"report\.md: not JSON"),
+        ("list.json", "[1, 2]", r"list\.json: not a bench result \(a JSON list, not an object\)"),
+    ],
+)
+def test_loading_a_file_that_is_not_a_bench_result_says_what_it_is(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(BenchFileError, match=message):
         load(path)
 
 

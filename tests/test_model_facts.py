@@ -76,6 +76,19 @@ def test_cache_types_config_beats_process_beats_f16(model: Path) -> None:
     assert unified.capacity_tokens == 4096
 
 
+def test_an_explicit_context_is_what_is_allocated_even_past_the_training_context(
+    model: Path,
+) -> None:
+    # -c 16384 on a model trained for 8192: llama.cpp allocates 16384 cells, and llama-server
+    # then caps each slot, so /props says 8192.
+    argv = ["llama-server", "-m", str(model), "-c", "16384"]
+    facts = model_facts(info(model, ctx=8192), KvOverrides(), argv, {})
+    assert facts.capacity_tokens == 16384
+    # Without -c (or -c 0) the server's context is only known from /props.
+    auto = model_facts(info(model, ctx=8192), KvOverrides(), ["llama-server", "-m", str(model)], {})
+    assert auto.capacity_tokens == 8192
+
+
 def test_unknown_cache_type(model: Path) -> None:
     with pytest.raises(FactsError) as err:
         model_facts(info(model), KvOverrides(cache_type_k="q3_x"), None, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -90,6 +91,20 @@ def prometheus_tool(name: str) -> str:
 @pytest.fixture(scope="session")
 def promtool() -> str:
     return prometheus_tool("promtool")
+
+
+# The rule unit tests take about 20 s on 2 cores; the margin is for a loaded CI machine.
+PROMTOOL_TIMEOUT_S = 300
+
+
+def run_promtool(promtool: str, *args: str) -> str:
+    """Run promtool, assert it succeeded, and return what it printed (stdout, then stderr)."""
+    result = subprocess.run(
+        [promtool, *args], capture_output=True, text=True, timeout=PROMTOOL_TIMEOUT_S, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"promtool {' '.join(args)}:\n{output}"
+    return output
 
 
 @pytest.fixture(scope="session")

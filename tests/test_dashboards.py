@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.conftest import run_promtool
 
 ROOT = Path(__file__).parent.parent
 GRAFANA = ROOT / "grafana"
@@ -403,11 +404,8 @@ def test_every_query_parses_with_promtool(tmp_path: Path, promtool: str) -> None
     ]
     path = tmp_path / "queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
-    result = subprocess.run(
-        [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+    output = run_promtool(promtool, "check", "rules", str(path))
+    assert f"SUCCESS: {len(rules)} rules found" in output
 
 
 def test_datasource_provisioning() -> None:

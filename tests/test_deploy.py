@@ -26,6 +26,7 @@ import yaml
 
 from exporter.cli import parse
 from exporter.config import Config
+from tests.conftest import run_promtool
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -361,15 +362,8 @@ def test_compose_prometheus_config_as_the_container_sees_it(tmp_path: Path, prom
             shutil.copyfile(source, dest)
     flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
     config_path = tmp_path / flag.split("=", 1)[1].lstrip("/")
-    done = subprocess.run(
-        [promtool, "check", "config", str(config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 2 rule files found" in done.stdout + done.stderr
+    output = run_promtool(promtool, "check", "config", str(config_path))
+    assert "SUCCESS: 2 rule files found" in output
 
     config = yaml.safe_load(config_path.read_text())
     shipped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
@@ -554,14 +548,7 @@ def test_prometheus_rule_holds_the_shipped_rules() -> None:
 def test_prometheus_rule_passes_promtool(tmp_path: Path, promtool: str) -> None:
     rules = tmp_path / "rules.yml"
     rules.write_text(yaml.safe_dump(resource("PrometheusRule")["spec"], sort_keys=False))
-    done = subprocess.run(
-        [promtool, "check", "rules", str(rules)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_promtool(promtool, "check", "rules", str(rules))
 
 
 def test_dashboard_config_maps_hold_the_dashboards() -> None:

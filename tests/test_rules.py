@@ -4,12 +4,13 @@ carries what the person it wakes needs, and the rules only name metrics the expo
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.conftest import run_promtool
 
 ROOT = Path(__file__).parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -29,8 +30,6 @@ RECORDING_RULES = {
 }
 SEVERITIES = {"warning", "critical"}
 ABSENT_ALERT = "LlamaSpeedExporterAbsent"
-# All test files take about 20 s on 2 cores; the margin is for a loaded CI machine.
-PROMTOOL_TIMEOUT_S = 300
 
 
 def groups(path: Path) -> list[dict[str, Any]]:
@@ -79,13 +78,6 @@ def alert_tests() -> list[dict[str, Any]]:
         for group in yaml.safe_load(path.read_text())["tests"]
         for case in group.get("alert_rule_test", [])
     ]
-
-
-def run_promtool(promtool: str, *args: str) -> None:
-    result = subprocess.run(
-        [promtool, *args], capture_output=True, text=True, timeout=PROMTOOL_TIMEOUT_S, check=False
-    )
-    assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
 
 
 @pytest.mark.prometheus

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +15,12 @@ import structlog
 
 from exporter import __version__, log
 from exporter.bench import command as bench_command
+from exporter.bench.record import SampleRecord
+from exporter.bench.stats import summarize
 from exporter.config import ENV_PREFIX, Config, ConfigError, load_config
 from exporter.daemon import Daemon
 from exporter.llama.client import LlamaClient
-from exporter.probe.results import RoundResult, Sample
+from exporter.probe.results import RoundResult
 from exporter.probe.runner import ProbeRunner
 
 PROG = "llama-speed-exporter"
@@ -202,21 +203,11 @@ def table(results: list[RoundResult]) -> str:
             else "server unavailable"
         )
         lines += [head, f"{'test':<18}{'t/s':>22}{'TTFT ms':>10}"]
-        tests: dict[tuple[int, str], list[Sample]] = {}
-        for s in r.samples:
-            tests.setdefault((s.depth, s.kind), []).append(s)
-        for (depth, kind), samples in sorted(
-            tests.items(), key=lambda t: (t[0][0], t[0][1] != "prompt")
-        ):
-            name = f"pp{samples[0].tokens}" if kind == "prompt" else f"tg{samples[0].tokens + 1}"
-            if depth:
-                name += f" @ d{depth}"
-            speeds = [s.tokens_per_second for s in samples]
-            spread = statistics.stdev(speeds) if len(speeds) > 1 else 0.0
-            ttfts = [s.time_to_first_token for s in samples if s.time_to_first_token is not None]
-            ttft = f"{statistics.mean(ttfts) * 1e3:.1f}" if ttfts else ""
-            figure = f"{statistics.mean(speeds):.2f} ± {spread:.2f}"
-            lines.append(f"{name:<18}{figure:>22}{ttft:>10}")
+        for test in summarize(SampleRecord.of(s) for s in r.samples):
+            figure = f"{test.mean:.2f} ± {test.sd or 0.0:.2f}"
+            ttft = test.ttft_mean_seconds
+            ttft_ms = "" if ttft is None else f"{ttft * 1e3:.1f}"
+            lines.append(f"{test.name:<18}{figure:>22}{ttft_ms:>10}")
         status = "ok" if round_succeeded(r) else "FAILED"
         problems = [*r.skips, *(f"{k}: {o.failure}" for k, o in r.outcomes.items() if o.failure)]
         problems += [f"{k}: discarded ({', '.join(o.discards)})" for k, o in r.outcomes.items()

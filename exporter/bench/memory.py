@@ -6,7 +6,7 @@ probes: the figure that decides whether a context fits is the highest one, not t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,41 +14,9 @@ import structlog
 
 from exporter.bench.record import GpuMemory, HostGpu
 from exporter.gpu.nvml import GpuReading, GpuUnavailable, Nvml
-from exporter.gpu.process import PROC
+from exporter.gpu.process import PROC, rss_bytes
 
 log = structlog.get_logger(__name__)
-
-
-def process_group(pgid: int, *, proc_root: Path = PROC) -> set[int]:
-    """Every process in group `pgid`: a server command may be a wrapper that forks the server."""
-    pids = set()
-    for entry in proc_root.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
-        except OSError:
-            continue  # exited meanwhile
-        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[2] == str(pgid):
-            pids.add(int(entry.name))
-    return pids
-
-
-def rss_bytes(pids: Iterable[int], *, proc_root: Path = PROC) -> int | None:
-    """Resident host memory of `pids` together; None when none of them can be read."""
-    total, seen = 0, False
-    for pid in pids:
-        try:
-            status = (proc_root / str(pid) / "status").read_text(encoding="ascii", errors="replace")
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-                seen = True
-    return total if seen else None
 
 
 @dataclass

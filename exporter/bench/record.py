@@ -14,6 +14,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
 from exporter.bench.stats import TestStats, summarize
+from exporter.probe.results import Sample
 
 SCHEMA: Final = "llama-speed-exporter/bench/v1"
 
@@ -52,6 +53,18 @@ class SampleRecord(_Record):
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @classmethod
+    def of(cls, sample: Sample) -> SampleRecord:
+        return cls(
+            kind=sample.kind,
+            depth=sample.depth,
+            tokens=sample.tokens,
+            seconds=sample.seconds,
+            time_to_first_token_seconds=sample.time_to_first_token,
+            energy_joules=sample.energy_joules,
+            timings={k: float(v) for k, v in vars(sample.timings).items()},
+        )
 
 
 class GpuMemory(_Record):

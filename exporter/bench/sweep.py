@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from exporter import __version__
 from exporter.bench.host import build_label, host_record
 from exporter.bench.launch import ServerCommand, ServerCommandError, resolve_executable
-from exporter.bench.memory import MemoryPeak, process_group
+from exporter.bench.memory import MemoryPeak
 from exporter.bench.record import (
     BenchRecord,
     KvRecord,
@@ -38,7 +38,12 @@ from exporter.bench.record import (
 )
 from exporter.config import KvOverrides, ProbePlan
 from exporter.gpu.nvml import Nvml
-from exporter.gpu.process import find_listening_pid, read_cmdline, read_environ
+from exporter.gpu.process import (
+    find_listening_pid,
+    process_group,
+    read_cmdline,
+    read_environ,
+)
 from exporter.gpu.targets import is_this_host
 from exporter.kv.facts import FactsError, model_facts
 from exporter.llama.client import LlamaClient, ServerError
@@ -52,7 +57,7 @@ from exporter.probe.results import (
     RoundResult,
     Sample,
 )
-from exporter.probe.runner import ProbeRunner
+from exporter.probe.runner import ProbeRunner, fits_in_context
 
 log = structlog.get_logger(__name__)
 
@@ -109,19 +114,7 @@ class _RunState:
     load_seconds: float | None = None
 
     def all_samples(self) -> tuple[SampleRecord, ...]:
-        return tuple(_sample_record(s) for s in (*self.samples, *self.pending))
-
-
-def _sample_record(s: Sample) -> SampleRecord:
-    return SampleRecord(
-        kind=s.kind,
-        depth=s.depth,
-        tokens=s.tokens,
-        seconds=s.seconds,
-        time_to_first_token_seconds=s.time_to_first_token,
-        energy_joules=s.energy_joules,
-        timings={k: float(v) for k, v in vars(s.timings).items()},
-    )
+        return tuple(SampleRecord.of(s) for s in (*self.samples, *self.pending))
 
 
 def _server_record(info: ServerInfo) -> ServerRecord:
@@ -152,12 +145,6 @@ def _needs_retry(result: RoundResult) -> bool:
     """Production traffic, not the server, spoiled the round: another try may be clean."""
     overlap = any(DISCARD_OVERLAP in o.discards for o in result.outcomes.values())
     return SKIP_BUSY in result.skips or overlap
-
-
-def _fits(depth: int, plan: PlanRecord, n_ctx: int) -> bool:
-    # As the runner checks it: the server refuses a prompt that fills the slot.
-    longest = max(*plan.prompt_tokens, max(plan.generation_tokens) + 1)
-    return depth + longest + 1 <= n_ctx
 
 
 def kv_log_bytes(log_text: str) -> int | None:
@@ -343,7 +330,8 @@ class Bench:
             self._observer.phase("reading /props")
             info = state.info = await discover(client)
             plan = settings.plan
-            depths = tuple(d for d in plan.depths if _fits(d, plan, info.ctx))
+            longest = max(plan.prompt_tokens), max(plan.generation_tokens)
+            depths = tuple(d for d in plan.depths if fits_in_context(d, *longest, info.ctx))
             state.skipped_depths = [d for d in plan.depths if d not in depths]
             if not depths:
                 state.problems.append(f"no depth of {list(plan.depths)} fits in n_ctx {info.ctx}")

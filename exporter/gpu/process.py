@@ -1,4 +1,5 @@
-"""Find a target's llama-server process on this host, and read its command line and environment.
+"""Find a target's llama-server process on this host; read its command line, environment, process
+group and resident memory.
 
 A target is found, in this order of preference, by
 - a pid file the operator configured (authoritative: when it is set, a broken one is reported
@@ -29,7 +30,7 @@ reason says why; GPU-wide series are unaffected.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -143,6 +144,33 @@ def read_environ(pid: int, *, proc_root: Path = PROC) -> dict[str, str] | None:
         if sep and key:
             env[key.decode(errors="replace")] = value.decode(errors="replace")
     return env
+
+
+def process_group(pgid: int, *, proc_root: Path = PROC) -> set[int]:
+    """Every process in group `pgid`: a server command may be a wrapper that forks the server."""
+    pids = set()
+    for pid in _pids(proc_root):
+        raw = _read_bytes(proc_root / str(pid) / "stat")
+        if raw is None:
+            continue  # exited meanwhile
+        stat = raw.decode("ascii", errors="replace")
+        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid):
+            pids.add(pid)
+    return pids
+
+
+def rss_bytes(pids: Iterable[int], *, proc_root: Path = PROC) -> int | None:
+    """Resident host memory of `pids` together; None when none of them can be read."""
+    total, seen = 0, False
+    for pid in pids:
+        raw = _read_bytes(proc_root / str(pid) / "status")
+        for line in (raw or b"").decode("ascii", errors="replace").splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+                seen = True
+    return total if seen else None
 
 
 def _read_bytes(path: Path) -> bytes | None:

@@ -224,8 +224,7 @@ class ProbeRunner:
                 # caches and clocks, which is noise, not the server's speed.
                 await self._unmeasured(self._fresh(info, n_prompt), 2, slot, info)
             for depth in self.plan.depths:
-                # The server refuses a prompt that fills the slot, and stops generating at its end.
-                if depth + max(n_prompt, n_gen + 1) + 1 > info.ctx:
+                if not fits_in_context(depth, n_prompt, n_gen, info.ctx):
                     skips.append(SKIP_DEPTH_EXCEEDS_CONTEXT)
                     detail = f"depth {depth} does not fit in ctx {info.ctx}"
                     continue
@@ -353,6 +352,12 @@ class ProbeRunner:
             "samplers": ["top_k"],
             "top_k": 1,
         }
+
+
+def fits_in_context(depth: int, prompt_tokens: int, generation_tokens: int, n_ctx: int) -> bool:
+    """Whether a depth's PP and TG requests fit in a slot of `n_ctx` tokens."""
+    # The server refuses a prompt that fills the slot, and stops generating at its end.
+    return depth + max(prompt_tokens, generation_tokens + 1) + 1 <= n_ctx
 
 
 def _expect(reason: str, name: str, got: int, want: int) -> None:

@@ -27,6 +27,7 @@ import pytest
 from exporter.bench.progress import LogProgress
 from exporter.bench.record import BenchRecord, PlanRecord, RunRecord, load
 from exporter.bench.sweep import Bench, BenchSettings
+from exporter.llama.server_process import free_port
 from tests.conftest import StartServer
 
 BENCH = [sys.executable, "-m", "exporter", "bench"]
@@ -183,6 +184,27 @@ def test_a_command_that_is_not_a_server_is_not_stable(tmp_path: Path) -> None:
     record = load(tmp_path / "results.json")
     assert [(r.ctx, r.status) for r in record.runs] == [(1024, "not_stable"), (2048, "not_stable")]
     assert record.runs[0].reason == "llama-server exited with status 0 before it was ready"
+
+
+def test_a_server_that_never_gets_ready_is_not_stable_and_is_stopped(tmp_path: Path) -> None:
+    silent = shlex.join(["sh", "-c", "exec sleep 600", "sh"])  # runs, never listens
+    done = bench("--server-cmd", silent, "--ctx", "1024", "--load-timeout", "1", *SMALL,
+                 "-o", str(tmp_path))  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert_gone(started_pids(done.stderr))
+    (run,) = load(tmp_path / "results.json").runs
+    assert run.status == "not_stable"
+    assert run.reason.startswith("llama-server was not ready after 1 s")
+
+
+def test_a_running_server_that_is_down_is_reported_with_the_reason(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    done = bench("--target", url, *SMALL, "-o", str(tmp_path))
+    assert done.returncode == 1, done.stderr[-3000:]
+    (run,) = load(tmp_path / "results.json").runs
+    assert run.status == "not_stable"
+    assert run.reason.startswith("connect: GET /props")
+    assert "connect: GET /props" in (tmp_path / "report.md").read_text()
 
 
 class _Lines:

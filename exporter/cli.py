@@ -1,4 +1,10 @@
-"""Command line: `run` (the daemon, the default) and `probe` (one round, printed)."""
+"""Command line: `run` (the daemon, the default), `probe` (one round, printed) and `bench`.
+
+Flags follow the Prometheus convention (`--probe.interval`, `--log.level`, `--config.file`)
+and are built from the table of settings (`exporter.config.flags`); the spellings of earlier
+releases still work, with a warning. `bench` is imported only when asked for: the daemon never
+loads it or what it needs.
+"""
 
 from __future__ import annotations
 
@@ -12,75 +18,103 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import yaml
 
 from exporter import __version__, log
-from exporter.bench import command as bench_command
-from exporter.bench.record import SampleRecord
-from exporter.bench.stats import summarize
 from exporter.config import ENV_PREFIX, Config, ConfigError, load_config
+from exporter.config.flags import SETTINGS, Setting
 from exporter.daemon import Daemon
 from exporter.llama.client import LlamaClient
+from exporter.probe.printout import result_json, round_succeeded, table
 from exporter.probe.results import RoundResult
 from exporter.probe.runner import ProbeRunner
+from exporter.web.webconfig import load_web_config
 
 PROG = "llama-speed-exporter"
 EXIT_CONFIG = 2
-
-# flag -> path in the settings; every one is also LLAMA_SPEED_<PATH joined by _, upper-cased>.
-_FLAGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("--target", ("target",), "llama-server URL to probe (repeatable; default %s)"),
-    ("--api-key-file", ("api_key_file",), "file holding the API key for --target servers"),
-    ("--web.listen-address", ("web", "listen_address"), "address to serve metrics on"),
-    ("--web.telemetry-path", ("web", "telemetry_path"), "path of the metrics endpoint"),
-    ("--web.config.file", ("web", "config_file"), "web config file: TLS and basic auth"),
-    ("--probe-interval", ("probe", "interval"), "seconds between probe rounds"),
-    ("--probe-timeout", ("probe", "timeout"), "seconds one probe round may take"),
-    ("--probe-jitter", ("probe", "jitter"), "random seconds added to each interval"),
-    ("--probe-discovery-interval", ("probe", "discovery_interval"), "seconds between /props reads"),
-    ("--probe-prompt-tokens", ("probe", "prompt_tokens"), "fresh tokens per PP sample"),
-    ("--probe-generation-tokens", ("probe", "generation_tokens"), "tokens per TG sample"),
-    ("--probe-depths", ("probe", "depths"), "context depths, e.g. 0,4096,16384"),
-    ("--probe-repetitions", ("probe", "repetitions"), "samples per depth and round"),
-    ("--probe-slot", ("probe", "slot"), "slot id for probes (default: the highest)"),
-    ("--probe-duty-budget", ("probe", "duty_budget"), "max share of wall time for probes"),
-    ("--collector.gpu", ("collector", "gpu"), "read GPUs through NVML: true or false"),
-    ("--log-format", ("log", "format"), "json or console"),
-    ("--log-level", ("log", "level"), "debug, info, warning or error"),
-)
+CONFIG_FILE_FLAG = "--config.file"
+CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
+# Earlier spellings of the config file's flag and variable.
+_DEPRECATED_CONFIG_FLAG = "--config"
+_DEPRECATED_CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+_COMMANDS = ("run", "probe")
 
 
-def env_name(path: tuple[str, ...]) -> str:
-    return ENV_PREFIX + "_".join(path).upper()
+class _Deprecated(argparse.Action):
+    """Stores the value of an earlier spelling, and notes it so that it can be warned about."""
+
+    def __init__(self, *args: Any, replacement: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.replacement = replacement
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        used: list[tuple[str, str]] = getattr(namespace, "_deprecated", [])
+        namespace._deprecated = [*used, (option_string or "", self.replacement)]
+
+
+def _add(
+    parser: argparse.ArgumentParser, flag: str, dest: str, text: str, metavar: str,
+    *, repeatable: bool = False,
+) -> None:  # fmt: skip
+    parser.add_argument(
+        flag,
+        dest=dest,
+        action="append" if repeatable else "store",
+        default=argparse.SUPPRESS,  # absent flags must not mask the env or the file
+        metavar=metavar,
+        help=text,
+    )
+
+
+def _add_deprecated(parser: argparse.ArgumentParser, old: str, dest: str, new: str) -> None:
+    parser.add_argument(
+        old, dest=dest, action=_Deprecated, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+        replacement=new,
+    )  # fmt: skip
+
+
+def _dest(setting: Setting) -> str:
+    return "/".join(setting.path)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    _add(parser, CONFIG_FILE_FLAG, "config_file",
+         f"TOML or YAML config file (env {CONFIG_FILE_ENV})", "PATH")  # fmt: skip
+    _add_deprecated(parser, _DEPRECATED_CONFIG_FLAG, "config_file", CONFIG_FILE_FLAG)
     parser.add_argument(
-        "--config",
-        type=Path,
-        default=argparse.SUPPRESS,
-        help=f"TOML or YAML config file (env {ENV_PREFIX}CONFIG)",
+        "--config.check",
+        dest="config_check",
+        action="store_true",
+        help="validate the whole configuration, print the resolved targets and plans, exit "
+        "0 (valid) or 2",
     )
-    for flag, path, text in _FLAGS:
-        parser.add_argument(
-            flag,
-            dest="/".join(path),
-            action="append" if flag == "--target" else "store",
-            default=argparse.SUPPRESS,  # absent flags must not mask the env or the file
-            metavar=path[-1].upper(),
-            help=f"{text.replace('%s', 'http://127.0.0.1:8080')} (env {env_name(path)})",
-        )
+    for s in SETTINGS:
+        _add(parser, s.flag, _dest(s), f"{s.help} (env {s.env})", s.metavar,
+             repeatable=s.repeatable)  # fmt: skip
+        for old in s.deprecated_flags:
+            _add_deprecated(parser, old, _dest(s), s.flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Probe llama-server's prompt and generation speed; export it for Prometheus.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="run the exporter daemon (the default)")
+    run = sub.add_parser("run", help="run the exporter daemon (the default)", allow_abbrev=False)
     _add_settings_flags(run)
-    probe = sub.add_parser("probe", help="run the probe plan once, print it, exit 1 on failure")
+    probe = sub.add_parser(
+        "probe", help="run the probe plan once, print it, exit 1 on failure", allow_abbrev=False
+    )
     _add_settings_flags(probe)
     probe.add_argument("--json", action="store_true", help="print JSON instead of a table")
     # Listed for --help; `bench` has its own parser (see exporter.bench.command).
@@ -94,31 +128,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    for _, path, _ in _FLAGS:
-        key = "/".join(path)
-        if key in vars(args):
+    for s in SETTINGS:
+        if _dest(s) in vars(args):
             node = overrides
-            for part in path[:-1]:
+            for part in s.path[:-1]:
                 node = node.setdefault(part, {})
-            node[path[-1]] = getattr(args, key)
+            node[s.path[-1]] = getattr(args, _dest(s))
     return overrides
+
+
+def deprecations(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(old spelling, the one to use) for each deprecated flag or variable in use."""
+    used = list(getattr(args, "_deprecated", []))
+    if os.environ.get(_DEPRECATED_CONFIG_ENV) and not os.environ.get(CONFIG_FILE_ENV):
+        used.append((_DEPRECATED_CONFIG_ENV, CONFIG_FILE_ENV))
+    return used
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
     """Parse flags and layer them over the environment and the config file."""
     argv = list(argv)
-    if not argv or argv[0] not in ("run", "probe", "-h", "--help", "--version"):
+    if not argv or argv[0] not in (*_COMMANDS, "-h", "--help", "--version"):
         argv.insert(0, "run")  # `run` is the default sub-command
     args = build_parser().parse_args(argv)
-    config_file = getattr(args, "config", None)
-    if config_file is None and os.environ.get(f"{ENV_PREFIX}CONFIG"):
-        config_file = Path(os.environ[f"{ENV_PREFIX}CONFIG"])
-    return args, load_config(_overrides(args), config_file)
+    config_file = getattr(args, "config_file", None)
+    if config_file is None:
+        from_env = os.environ.get(CONFIG_FILE_ENV) or os.environ.get(_DEPRECATED_CONFIG_ENV)
+        config_file = from_env or None
+    path = Path(config_file) if config_file else None
+    return args, load_config(_overrides(args), path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
+        from exporter.bench import command as bench_command  # noqa: PLC0415 - see the docstring
+
         return bench_command.main(argv[1:], PROG)
     try:
         args, config = parse(argv)
@@ -126,9 +171,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     log.configure(config.log_format, config.log_level)
+    for old, new in deprecations(args):
+        structlog.get_logger().warning("deprecated_flag", used=old, use=new)
+    if args.config_check:
+        return check_config(config)
     if args.command == "probe":
         return asyncio.run(probe_once(config, as_json=args.json))
     return run_daemon(config)
+
+
+def check_config(config: Config) -> int:
+    """`--config.check`: the web config file too, since the daemon would refuse to start."""
+    if config.web_config_file is not None:
+        try:
+            load_web_config(config.web_config_file)
+        except ConfigError as exc:
+            print(f"{PROG}: config error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    print(yaml.safe_dump(resolved_view(config), sort_keys=False), end="")
+    return 0
+
+
+def resolved_view(config: Config) -> dict[str, Any]:
+    """What `--config.check` prints: every target with its plan and schedule, and the rest."""
+    return {
+        "targets": [
+            {
+                "name": t.name,
+                "url": t.url,
+                "api_key": "set" if t.api_key is not None else None,
+                "plan": t.plan.model_dump(mode="json"),
+                "schedule": t.schedule.model_dump(mode="json"),
+                **({"pid_file": str(t.pid_file)} if t.pid_file else {}),
+                **({"process_name": t.process_name} if t.process_name else {}),
+            }
+            for t in config.targets
+        ],
+        "web": {
+            "listen_address": config.listen_address,
+            "telemetry_path": config.telemetry_path,
+            "config_file": str(config.web_config_file) if config.web_config_file else None,
+        },
+        "collector": {"gpu": config.gpu},
+        "log": {"format": config.log_format, "level": config.log_level},
+    }
 
 
 def run_daemon(config: Config) -> int:
@@ -151,68 +237,8 @@ async def probe_once(config: Config, *, as_json: bool) -> int:
     for target in config.targets:
         client = LlamaClient(target.url, target.api_key, timeout=target.plan.timeout)
         try:
-            runner = ProbeRunner(target.name, client, target.plan)
-            results.append(await runner.run_round(ignore_budget=True))
+            results.append(await ProbeRunner(target.name, client, target.plan).run_round())
         finally:
             await client.aclose()
     print(json.dumps([result_json(r) for r in results], indent=2) if as_json else table(results))
     return 0 if all(round_succeeded(r) for r in results) else 1
-
-
-def round_succeeded(result: RoundResult) -> bool:
-    return bool(result.outcomes) and all(o.succeeded for o in result.outcomes.values())
-
-
-def result_json(result: RoundResult) -> dict[str, Any]:
-    server = result.server
-    return {
-        "target": result.target,
-        "ok": round_succeeded(result),
-        "model": server.model if server else None,
-        "ctx": server.ctx if server else None,
-        "quant": server.quant if server else None,
-        "build": server.build if server else None,
-        "duration_seconds": result.duration,
-        "skipped": list(result.skips),
-        "failures": {k: o.failure for k, o in result.outcomes.items() if o.failure},
-        "discarded": {k: list(o.discards) for k, o in result.outcomes.items() if o.discards},
-        "detail": result.detail,
-        "samples": [
-            {
-                "kind": s.kind,
-                "depth": s.depth,
-                "tokens": s.tokens,
-                "seconds": s.seconds,
-                "tokens_per_second": s.tokens_per_second,
-                "time_to_first_token_seconds": s.time_to_first_token,
-                "timings": vars(s.timings),
-            }
-            for s in result.samples
-        ],
-    }
-
-
-def table(results: list[RoundResult]) -> str:
-    """llama-bench's layout: one row per test, mean and sample standard deviation over reps."""
-    lines = []
-    for r in results:
-        server = r.server
-        head = f"{r.target}: " + (
-            f"{server.model} ({server.quant}), ctx {server.ctx}, build {server.build}"
-            if server
-            else "server unavailable"
-        )
-        lines += [head, f"{'test':<18}{'t/s':>22}{'TTFT ms':>10}"]
-        for test in summarize(SampleRecord.of(s) for s in r.samples):
-            figure = f"{test.mean:.2f} ± {test.sd or 0.0:.2f}"
-            ttft = test.ttft_mean_seconds
-            ttft_ms = "" if ttft is None else f"{ttft * 1e3:.1f}"
-            lines.append(f"{test.name:<18}{figure:>22}{ttft_ms:>10}")
-        status = "ok" if round_succeeded(r) else "FAILED"
-        problems = [*r.skips, *(f"{k}: {o.failure}" for k, o in r.outcomes.items() if o.failure)]
-        problems += [f"{k}: discarded ({', '.join(o.discards)})" for k, o in r.outcomes.items()
-                     if o.discards]  # fmt: skip
-        if problems:
-            status += " (" + ", ".join(problems) + (f"; {r.detail}" if r.detail else "") + ")"
-        lines += [f"status: {status}", ""]
-    return "\n".join(lines).rstrip()

@@ -11,23 +11,26 @@ from dataclasses import dataclass
 import httpx
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.registry import Collector
 
 from exporter.collectors import exporter_collectors
-from exporter.config import Config, Target, split_listen_address
-from exporter.gpu.collector import GpuCollector
+from exporter.collectors.gpu import GpuCollector
+from exporter.collectors.guard import SnapshotCollector
+from exporter.config.resolved import Config, Target
+from exporter.config.settings import split_listen_address
 from exporter.gpu.nvml import Nvml
-from exporter.gpu.process import read_cmdline, read_environ
-from exporter.gpu.targets import TargetProcesses
+from exporter.host.proc import read_cmdline, read_environ
+from exporter.host.targets import TargetProcesses
 from exporter.kv.facts import FactsError, model_facts
 from exporter.llama.client import LlamaClient, ServerError
 from exporter.llama.discovery import ServerInfo
 from exporter.probe.results import SKIP_IN_PROGRESS, RoundResult, round_figures
 from exporter.probe.runner import ProbeRunner
-from exporter.scheduler import Scheduler
-from exporter.state import Store
-from exporter.web import WebServer, make_app
-from exporter.webconfig import ReloadableWebConfig, secure_app
+from exporter.schedule.budget import DutyBudget
+from exporter.schedule.rounds import BudgetedRounds
+from exporter.schedule.scheduler import Scheduler
+from exporter.state.store import Store
+from exporter.web.endpoint import WebServer, make_app
+from exporter.web.webconfig import ReloadableWebConfig, secure_app
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +43,7 @@ class _TargetRuntime:
     target: Target
     client: LlamaClient
     runner: ProbeRunner
+    rounds: BudgetedRounds
     model_key: tuple[object, ...] | None = None  # what the model facts were worked out for
 
 
@@ -92,16 +96,14 @@ class Daemon:
             for t in config.targets
         }
         self._first_probe_delay = first_probe_delay
-        extra: list[tuple[str, Collector]] = []
+        extra: list[tuple[str, SnapshotCollector]] = []
         self._processes = TargetProcesses(config.targets)
         if self._nvml is not None:
-            extra.append(
-                ("gpu", GpuCollector(self._nvml, self._processes.pids, self._weight_bytes))
-            )
+            extra.append(("gpu", GpuCollector(self._nvml, self._processes.pids)))
         self.registry = CollectorRegistry()
         self.registry.register(
             exporter_collectors(
-                self.store.snapshot, {t.name: t.plan for t in config.targets}, extra=extra
+                self.store.snapshot, {t.name: t.schedule for t in config.targets}, extra=extra
             )
         )
         ProcessCollector(registry=self.registry)
@@ -130,15 +132,10 @@ class Daemon:
         runner = ProbeRunner(
             target.name, client, target.plan, overlap_poll_interval=poll, energy=energy
         )
-        return _TargetRuntime(target, client, runner)
-
-    def _weight_bytes(self) -> dict[str, tuple[str, int]]:
-        """Per target: its model and the weight bytes one generated token reads."""
-        return {
-            t.name: (t.server.model, t.model_facts.weight_bytes_per_token)
-            for t in self.store.snapshot()
-            if t.up and t.server is not None and t.model_facts is not None
-        }
+        budget = DutyBudget(target.schedule.duty_budget, target.schedule.duty_window)
+        return _TargetRuntime(
+            target, client, runner, BudgetedRounds(target.name, runner.run_round, budget)
+        )
 
     async def discover(self, name: str) -> None:
         rt = self._runtimes[name]
@@ -150,7 +147,7 @@ class Daemon:
         else:
             self.store.record_discovery(name, info, None)
             await self._refresh_model(rt, info)
-        self.store.record_duty(name, rt.runner.duty_ratio())
+        self.store.record_duty(name, rt.rounds.budget.used())
 
     async def _refresh_model(self, rt: _TargetRuntime, info: ServerInfo) -> None:
         """Work the KV cache out again when the model, ctx or process changed; read usage."""
@@ -177,9 +174,9 @@ class Daemon:
 
     async def probe(self, name: str) -> RoundResult:
         rt = self._runtimes[name]
-        result = await rt.runner.run_round()
+        result = await rt.rounds.next()
         self.store.record_round(result)
-        self.store.record_duty(name, rt.runner.duty_ratio())
+        self.store.record_duty(name, rt.rounds.budget.used())
         failed = any(o.failure for o in result.outcomes.values())
         (log.warning if failed else log.info)("probe_round", **round_event(result))
         return result
@@ -212,18 +209,18 @@ class Daemon:
         )
         scheduler = Scheduler(loop, on_max_instances=self.skipped_in_progress)
         for name, rt in self._runtimes.items():
-            plan = rt.target.plan
+            schedule = rt.target.schedule
             delay = self._first_probe_delay
             if delay is None:
                 # Spread targets so that they do not all probe at the same moment after a start.
-                delay = 1.0 + random.uniform(0, min(plan.jitter, 5.0))
+                delay = 1.0 + random.uniform(0, min(schedule.jitter, 5.0))
             scheduler.add(
                 f"discover:{name}", self.discover, name,
-                interval=plan.discovery_interval, jitter=0.0, first_delay=0.0,
+                interval=schedule.discovery_interval, jitter=0.0, first_delay=0.0,
             )  # fmt: skip
             scheduler.add(
                 f"probe:{name}", self.probe, name,
-                interval=plan.interval, jitter=plan.jitter, first_delay=delay,
+                interval=schedule.interval, jitter=schedule.jitter, first_delay=delay,
             )  # fmt: skip
         scheduler.start()
         try:

@@ -17,21 +17,32 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 
-from exporter.config import Config, ProbePlan, Target, resolve_plan
+from exporter.config import Config, Target
 from exporter.daemon import Daemon
 from exporter.llama.client import LlamaClient
-from exporter.llama.server_process import LlamaServerProcess, default_binary, free_port
-from exporter.llama.tiny_model import write_tiny_model
+from exporter.llama.server_process import default_binary, free_port
+from exporter.probe.plan import MeasurePlan
 from exporter.probe.runner import ProbeRunner
+from exporter.schedule.plan import Schedule
+from testbed.llama_server import LlamaServerProcess
+from testbed.tiny_model import write_tiny_model
+
 
 # The reference model of the noise measurements: 6 layers, 384 wide, about 31 MB of F32.
-GEOMETRY: dict[str, int] = {"n_layer": 6, "n_embd": 384, "n_head": 6, "n_head_kv": 2, "n_ff": 1024}
+class Geometry(TypedDict):
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+
+
+GEOMETRY = Geometry(n_layer=6, n_embd=384, n_head=6, n_head_kv=2, n_ff=1024)
 
 
 def cv(values: list[float]) -> float:
@@ -39,7 +50,7 @@ def cv(values: list[float]) -> float:
 
 
 async def probe_rounds(
-    url: str, plan: ProbePlan, rounds: int
+    url: str, plan: MeasurePlan, rounds: int
 ) -> dict[str, tuple[list[float], list[float], list[float]]]:
     """Per test: each round's figure (token-weighted over its repetitions, as exported) and
     each single request's speed."""
@@ -48,7 +59,7 @@ async def probe_rounds(
     figures: dict[str, tuple[list[float], list[float], list[float]]] = {}
     try:
         for _ in range(rounds):
-            result = await runner.run_round(ignore_budget=True)
+            result = await runner.run_round()
             for depth in plan.depths:
                 for kind, key in (("prompt", "pp"), ("generation", "tg")):
                     samples = [s for s in result.samples if s.kind == kind and s.depth == depth]
@@ -78,11 +89,11 @@ def llama_bench(model: Path, n_prompt: int, n_gen: int, depths: str, reps: int) 
 
 def exporter_overhead(url: str, scrapes: int) -> tuple[float, float, float]:
     """Median and p99 /metrics latency (ms) and the exporter's RSS (MiB) after the scrapes."""
-    plan = replace(resolve_plan([]), interval=5.0, timeout=4.0, jitter=0.0, duty_budget=1.0,
-                   discovery_interval=1.0, prompt_tokens=128, generation_tokens=16)  # fmt: skip
+    plan = MeasurePlan(timeout=4.0, prompt_tokens=128, generation_tokens=16)
+    schedule = Schedule(interval=5.0, jitter=0.0, discovery_interval=1.0, duty_budget=1.0)
     port = free_port()
-    config = Config((Target("bench", url, None, plan),), f"127.0.0.1:{port}", "/metrics",
-                    "json", "error")  # fmt: skip
+    target = Target("bench", url, plan=plan, schedule=schedule)
+    config = Config((target,), f"127.0.0.1:{port}", "/metrics", "json", "error")
     daemon = Daemon(config, first_probe_delay=0.1)
 
     async def scrape() -> tuple[list[float], float]:
@@ -134,14 +145,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-probes-"))
-    model = write_tiny_model(
-        workdir / "bench.gguf",
-        n_layer=GEOMETRY["n_layer"],
-        n_embd=GEOMETRY["n_embd"],
-        n_head=GEOMETRY["n_head"],
-        n_head_kv=GEOMETRY["n_head_kv"],
-        n_ff=GEOMETRY["n_ff"],
-    )
+    model = write_tiny_model(workdir / "bench.gguf", **GEOMETRY)
     plans: dict[str, dict[str, Any]] = {
         "r1, no warm-up": {"repetitions": 1, "warmup": False},
         "r1, warm-up": {"repetitions": 1, "warmup": True},
@@ -153,7 +157,7 @@ def main() -> None:
     server = LlamaServerProcess(model, ["-c", "8192", "-np", "1"], log_path=workdir / "srv.log")
     with server:
         for name, change in plans.items():
-            plan = replace(resolve_plan([]), depths=(0, args.depth), **change)
+            plan = MeasurePlan(depths=(0, args.depth), **change)
             figures = asyncio.run(probe_rounds(server.url, plan, args.rounds))
             for test, (round_figures, samples, medians) in figures.items():
                 rows.append(

@@ -23,7 +23,7 @@ from bench_probes import GEOMETRY, cv, llama_bench
 
 from exporter.bench.record import load
 from exporter.llama.server_process import default_binary
-from exporter.llama.tiny_model import write_tiny_model
+from testbed.tiny_model import write_tiny_model
 
 
 def bench_once(model: Path, out: Path, depths: str, reps: int) -> dict[str, tuple[float, float]]:

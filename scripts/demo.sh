@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup-env.sh" demo
 cd "$root"
-exec .venv/bin/python -m exporter.demo "$@"
+exec .venv/bin/python -m testbed.demo "$@"

@@ -15,12 +15,27 @@ import argparse
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.gpu.collector import GpuCollector
+from exporter.collectors.gpu import GpuCollector
+from exporter.collectors.guard import GuardedCollectors
 from exporter.gpu.nvml import Nvml
+from exporter.kv.facts import ModelFacts
+from exporter.llama.discovery import ServerInfo
+from exporter.state.store import TargetState
 
 
 def pairs(values: list[str]) -> dict[str, str]:
     return dict(v.split("=", 1) for v in values)
+
+
+def served(name: str, weight_bytes: int) -> TargetState:
+    """A target that is up, serving a model that reads `weight_bytes` per generated token."""
+    server = ServerInfo(
+        model="model", model_path="", ctx=0, slots=1, quant="", build="", n_vocab=1,
+        n_params=None, size_bytes=None, n_ctx_train=None, slots_endpoint=True,
+        metrics_endpoint=False,
+    )  # fmt: skip
+    facts = ModelFacts("f16", "f16", 0, None, weight_bytes)
+    return TargetState(name, "", up=True, server=server, model_facts=facts)
 
 
 def main() -> None:
@@ -29,10 +44,11 @@ def main() -> None:
     parser.add_argument("--weight-bytes", action="append", default=[], metavar="NAME=BYTES")
     args = parser.parse_args()
     pids: dict[str, int | None] = {k: int(v) for k, v in pairs(args.target).items()}
-    weights = {k: ("model", int(float(v))) for k, v in pairs(args.weight_bytes).items()}
+    targets = [served(name, int(float(v))) for name, v in pairs(args.weight_bytes).items()]
     nvml = Nvml()
     registry = CollectorRegistry()
-    registry.register(GpuCollector(nvml, lambda: pids, lambda: weights))
+    collectors = [("gpu", GpuCollector(nvml, lambda: pids))]
+    registry.register(GuardedCollectors(lambda: targets, collectors, ("script", "")))
     try:
         print(generate_latest(registry).decode(), end="")
     finally:

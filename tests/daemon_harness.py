@@ -7,19 +7,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from exporter.config import Config, Target, resolve_plan
+from exporter.config import Config, Target
 from exporter.daemon import Daemon
+from exporter.probe.plan import MeasurePlan
+from exporter.schedule.plan import Schedule
 
 
-def fast_target(name: str, url: str, api_key: Any = None, **plan: Any) -> Target:
-    base = resolve_plan([])
-    defaults: dict[str, Any] = {
+def fast_target(name: str, url: str, api_key: Any = None, **changes: Any) -> Target:
+    """A target that probes every second or so; `changes` may name plan or schedule fields."""
+    values: dict[str, Any] = {
         "interval": 1.0,
         "timeout": 0.8,
         "jitter": 0.0,
@@ -27,8 +28,11 @@ def fast_target(name: str, url: str, api_key: Any = None, **plan: Any) -> Target
         "prompt_tokens": 64,
         "generation_tokens": 16,
         "duty_budget": 1.0,
+        **changes,
     }
-    return Target(name, url, api_key, replace(base, **{**defaults, **plan}))
+    plan = MeasurePlan(**{k: v for k, v in values.items() if k in MeasurePlan.model_fields})
+    schedule = Schedule(**{k: v for k, v in values.items() if k in Schedule.model_fields})
+    return Target(name, url, api_key, plan=plan, schedule=schedule)
 
 
 @contextmanager

@@ -20,8 +20,8 @@ from exporter.bench.record import (
     Status,
     load,
 )
-from exporter.bench.stats import TestStats
 from exporter.bench.units import ctx_label
+from exporter.probe.stats import TestStats
 from tests.golden_files import check_golden
 from tests.test_bench_report import gpus as report_gpus
 

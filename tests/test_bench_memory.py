@@ -16,7 +16,7 @@ from exporter.bench.host import build_label, host_record
 from exporter.bench.memory import MemoryPeak
 from exporter.bench.record import HostGpu
 from exporter.gpu.nvml import Nvml
-from exporter.gpu.process import process_group, rss_bytes
+from exporter.host.proc import process_group, rss_bytes
 from exporter.llama.server_process import default_binary
 from tests import fake_pynvml as fk
 from tests.fake_pynvml import FakeProcess, FakePynvml

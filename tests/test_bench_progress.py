@@ -12,7 +12,8 @@ import structlog
 from rich.console import Console
 
 from exporter import log
-from exporter.bench.progress import LogProgress, TerminalProgress
+from exporter.bench.progress import LogProgress
+from exporter.bench.terminal import TerminalProgress
 from exporter.llama.client import Timings
 from exporter.probe.results import Sample
 from tests.test_bench_report import not_stable_run, stable_run
@@ -58,7 +59,9 @@ def test_without_a_terminal_each_event_is_a_log_line(caplog: pytest.LogCaptureFi
         progress.sample(SAMPLE)
         progress.run_finished(stable_run())
     # structlog hands the standard library its event dict, rendered only by the handler.
-    events: list[dict[str, Any]] = [r.msg for r in caplog.records if r.name == "bench"]
+    events: list[dict[str, Any]] = [
+        r.msg for r in caplog.records if r.name == "bench" and isinstance(r.msg, dict)
+    ]
     assert [e["event"] for e in events] == [
         "bench_run_started",
         "bench_sample",

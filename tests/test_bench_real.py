@@ -32,7 +32,7 @@ from tests.conftest import StartServer
 
 BENCH = [sys.executable, "-m", "exporter", "bench"]
 # Small tests: a real sweep's shape at a few seconds per run on 2 cores.
-SMALL = ["-p", "64", "-n", "16", "-r", "3", "--no-gpu", "--log-format", "json"]
+SMALL = ["-p", "64", "-n", "16", "-r", "3", "--no-gpu", "--log.format", "json"]
 EXIT_DEADLINE_S = 60.0
 
 pytestmark = pytest.mark.real_server
@@ -124,7 +124,9 @@ def test_launching_sweep_writes_a_report_made_of_its_samples(
             assert figure in summary_row
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The KV cache doubles with the context; the weights do not.
-    assert record.runs[1].kv.bytes == 2 * record.runs[0].kv.bytes  # type: ignore[union-attr]
+    first, second = record.runs[0].kv, record.runs[1].kv
+    assert first is not None and second is not None and first.bytes is not None
+    assert second.bytes == 2 * first.bytes
 
 
 def _mib(n: int) -> str:
@@ -255,7 +257,7 @@ def long_bench(
     cmd = shlex.join([str(llama_server_binary), "-m", str(tiny_model), "-t", "2"])
     proc = subprocess.Popen(
         [*BENCH, "--server-cmd", cmd, "--ctx", "1024,2048", *SMALL, "-r", "10000",
-         "--log-level", "debug", "-o", str(tmp_path)],
+         "--log.level", "debug", "-o", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     lines = _Lines(proc)

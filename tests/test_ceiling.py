@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from exporter.ceiling import GpuShare, bytes_read_per_token, generation_ceiling
-from exporter.kv.gguf_meta import GGML_TYPES_BY_NAME, ModelMeta, TensorInfo, read_model_meta
-from exporter.llama.tiny_model import write_tiny_model
+from exporter.kv.ceiling import GpuShare, bytes_read_per_token, generation_ceiling
+from exporter.kv.gguf_meta import (
+    GGML_TYPES_BY_NAME,
+    MetaValue,
+    ModelMeta,
+    TensorInfo,
+    read_model_meta,
+)
+from testbed.tiny_model import write_tiny_model
+from tests.model_meta import meta_of
 
 Q4 = GGML_TYPES_BY_NAME["q4_0"]
 F32 = GGML_TYPES_BY_NAME["f32"]
@@ -29,9 +36,10 @@ def moe_model(output: bool = True) -> ModelMeta:
     ]
     if output:
         tensors.append(tensor("output.weight", 2048, 1000))  # 1,152,000 B
-    meta = {"general.architecture": "qwen3moe", "qwen3moe.expert_count": 64,
-            "qwen3moe.expert_used_count": 8}  # fmt: skip
-    return ModelMeta.from_metadata(meta, tensors)
+    meta: dict[str, MetaValue] = {"general.architecture": "qwen3moe",
+                                  "qwen3moe.expert_count": 64,
+                                  "qwen3moe.expert_used_count": 8}  # fmt: skip
+    return meta_of(meta, tensors)
 
 
 def test_bytes_per_token_weighs_experts_and_skips_the_embedding_lookup() -> None:
@@ -47,7 +55,7 @@ def test_tied_output_reads_the_embedding_whole() -> None:
 def test_dense_model_file_reads_every_weight_but_the_embedding(tmp_path: Path) -> None:
     meta = read_model_meta(write_tiny_model(tmp_path / "m.gguf"))
     embedding = next(t.n_bytes for t in meta.tensors if t.name == "token_embd.weight")
-    assert bytes_read_per_token(meta) == meta.tensor_bytes - embedding
+    assert bytes_read_per_token(meta) == sum(t.n_bytes for t in meta.tensors) - embedding
 
 
 def test_rtx_3060_bandwidth_is_360_gb_per_second() -> None:

@@ -23,9 +23,9 @@ from tests.daemon_harness import sample
 
 EXPORTER = [sys.executable, "-m", "exporter"]
 FAST = [
-    "--probe-interval", "3", "--probe-timeout", "2.5", "--probe-jitter", "0",
-    "--probe-discovery-interval", "1", "--probe-prompt-tokens", "128",
-    "--probe-generation-tokens", "16", "--probe-duty-budget", "1",
+    "--probe.interval", "3", "--probe.timeout", "2.5", "--probe.jitter", "0",
+    "--probe.discovery-interval", "1", "--probe.prompt-tokens", "128",
+    "--probe.generation-tokens", "16", "--probe.duty-budget", "1",
 ]  # fmt: skip
 
 
@@ -36,7 +36,7 @@ def clean_env() -> dict[str, str]:
 @pytest.mark.real_server
 def test_probe_command_prints_a_table_and_json(llama_server: StartServer) -> None:
     server = llama_server()
-    args = [*EXPORTER, "probe", "--target", server.url, "--probe-depths", "0,512"]
+    args = [*EXPORTER, "probe", "--target", server.url, "--probe.depths", "0,512"]
     done = subprocess.run(
         args, capture_output=True, text=True, timeout=60, env=clean_env(), check=False
     )
@@ -71,7 +71,7 @@ def test_probe_command_fails_with_reason_when_server_is_absent() -> None:
 def exporter_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     port = free_port()
     proc = subprocess.Popen(
-        [*EXPORTER, "run", "--web.listen-address", f"127.0.0.1:{port}", "--log-format", "json",
+        [*EXPORTER, "run", "--web.listen-address", f"127.0.0.1:{port}", "--log.format", "json",
          *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
     )  # fmt: skip
@@ -138,7 +138,7 @@ def test_api_key_never_leaks(llama_server: StartServer, tmp_path: Path) -> None:
     server = llama_server("--api-key", key)
     (tmp_path / "key").write_text(f"# the key\n{key}\n")
     (tmp_path / "wrong").write_text("sk-wrong-key-000000\n")
-    args = ("--target", server.url, *FAST, "--log-level", "debug")
+    args = ("--target", server.url, *FAST, "--log.level", "debug")
     with exporter_process(*args, "--api-key-file", str(tmp_path / "key")) as (proc, base):
         text = scrape_until(base, "llama_speed_probe_success", 1.0, probe="generation")
         page = httpx.get(f"{base}/", timeout=5).text
@@ -186,7 +186,7 @@ class HangingServer:
 def test_sigterm_ends_an_in_flight_probe_within_5_seconds() -> None:
     hanging = HangingServer()
     try:
-        with exporter_process("--target", hanging.url, "--probe-timeout", "60") as (proc, base):
+        with exporter_process("--target", hanging.url, "--probe.timeout", "60") as (proc, base):
             assert hanging.accepted.wait(30)  # a request is now in flight, and will never end
             assert httpx.get(f"{base}/metrics", timeout=5).status_code == 200
             code, err = stop_within(proc, 5)

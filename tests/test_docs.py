@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-from exporter import metrics
 from exporter.bench import command as bench_command
 from exporter.bench.record import load
 from exporter.bench.report import render_report, summary_table
-from exporter.cli import _FLAGS, env_name, parse
+from exporter.cli import parse
+from exporter.collectors import catalogue as metrics
+from exporter.config.flags import markdown_table
 from exporter.probe.results import DISCARD_REASONS, FAILURE_REASONS, SKIP_REASONS
 
 ROOT = Path(__file__).parent.parent
@@ -41,10 +43,24 @@ def test_readme_names_every_reason() -> None:
         assert f"`{reason}`" in README, reason
 
 
-def test_readme_documents_every_flag_and_its_variable() -> None:
-    for flag, path, _ in _FLAGS:
-        assert f"`{flag}" in README, flag
-        assert env_name(path) in README, env_name(path)
+SETTINGS_BEGIN = "<!-- settings table: generated from the declarations, see tests/test_docs.py -->"
+SETTINGS_END = "<!-- end of settings table -->"
+
+
+def test_readme_settings_table_is_generated_from_the_declarations() -> None:
+    """Every flag, variable, file key and default, as the code declares them.
+
+    `UPDATE_GOLDEN=1 pytest tests/test_docs.py` rewrites the table after a change."""
+    head, begin, rest = README.partition(SETTINGS_BEGIN)
+    body, end, tail = rest.partition(SETTINGS_END)
+    assert begin and end, "README lacks the settings table markers"
+    expected = "\n" + markdown_table()
+    if os.environ.get("UPDATE_GOLDEN"):
+        (ROOT / "README.md").write_text(head + begin + expected + end + tail)
+        return
+    assert body == expected, (
+        "README settings table is stale: UPDATE_GOLDEN=1 pytest tests/test_docs.py"
+    )
 
 
 @pytest.mark.parametrize("name", ["config.example.yaml"])
@@ -54,7 +70,7 @@ def test_shipped_config_examples_load(name: str, monkeypatch: pytest.MonkeyPatch
     text = example.read_text().replace("/etc/llama-speed-exporter/coder.key", str(tmp_path / "k"))
     (tmp_path / "k").write_text("secret\n")
     (tmp_path / name).write_text(text)
-    _, config = parse(["--config", str(tmp_path / name)])
+    _, config = parse(["--config.file", str(tmp_path / name)])
     assert [t.name for t in config.targets] == ["coder"]
     assert config.targets[0].plan.depths == (0, 16384)
 

@@ -5,36 +5,35 @@ from __future__ import annotations
 import dataclasses
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric as Family
-from prometheus_client.registry import Collector
 
-from exporter import metrics
+from exporter.collectors import catalogue as metrics
 from exporter.collectors import exporter_collectors
-from exporter.collectors.guard import GuardedCollectors
-from exporter.config import resolve_plan
+from exporter.collectors.gpu import GpuCollector
+from exporter.collectors.guard import GuardedCollectors, SnapshotCollector
 from exporter.daemon import round_event
-from exporter.gpu.collector import GpuCollector
 from exporter.gpu.nvml import Nvml
+from exporter.kv.cache import KvCapacity
 from exporter.kv.facts import ModelFacts
 from exporter.llama.client import Timings
 from exporter.llama.discovery import ServerInfo
-from exporter.probe.results import KindOutcome, RoundResult, Sample
-from exporter.state import Store
+from exporter.probe.results import KINDS, KindOutcome, RoundResult, Sample
+from exporter.schedule.plan import Schedule
+from exporter.state.store import Store, TargetState
 from tests import fake_pynvml
 from tests.fake_pynvml import FakePynvml
 from tests.golden_files import GOLDEN, check_golden
 
-PLAN = resolve_plan([])
+SCHEDULE = Schedule()
 
 
 def server(model: str = "Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M", ctx: int = 262144) -> ServerInfo:
     return ServerInfo(
         model=model,
-        model_alias=f"/models/{model}.gguf",
         model_path=f"/models/{model}.gguf",
         ctx=ctx,
         slots=2,
@@ -83,9 +82,20 @@ def populated_store() -> Store:
     store = Store([("prod", "http://gpu-box:8080"), ("lab", "http://lab:8080")])
     store.record_round(good_round(server()))
     store.record_skip("prod", "busy")
-    # The seed's geometry: 9,984 B/token, 262,144 cells, two slots of recurrent state.
-    facts = ModelFacts("q8_0", "q4_0", 9984, 262144, 262144 * 9984 + 2 * 79_036_416,
-                       1_500_000_000)  # fmt: skip
+    # The seed's geometry: 9,984 B/token, 262,144 cells, two slots of recurrent state; an
+    # A3B mixture of experts at IQ3_M reads about 1.5 GB of weights per token.
+    cache = KvCapacity(
+        n_ctx=262144,
+        n_ctx_seq=262144,
+        n_seq=2,
+        unified=True,
+        cells=262144,
+        swa_cells=0,
+        bytes=262144 * 9984,
+        recurrent_bytes=2 * 79_036_416,
+        parts=(),
+    )
+    facts = ModelFacts("q8_0", "q4_0", 9984, cache, 1_500_000_000)  # fmt: skip
     store.record_model("prod", facts, None, 70_000)
     store.record_model("lab", None, "model_unreadable", None)
     store.record_model("lab", None, "unknown_architecture", None)
@@ -94,8 +104,7 @@ def populated_store() -> Store:
         RoundResult(
             "lab", 1_790_000_100.0, 0.01, None, server_error="connect",
             outcomes={
-                k: KindOutcome(k, failure="connect", attempted=True)  # type: ignore[arg-type]
-                for k in ("prompt", "generation")
+                k: KindOutcome(k, failure="connect", attempted=True) for k in KINDS
             },
         )
     )  # fmt: skip
@@ -104,14 +113,12 @@ def populated_store() -> Store:
 
 def render(store: Store, nvml: Nvml | None = None) -> str:
     registry = CollectorRegistry()
-    plans = {"prod": PLAN, "lab": PLAN}
-    extra: list[tuple[str, Collector]] = []
+    schedules = {"prod": SCHEDULE, "lab": SCHEDULE}
+    extra: list[tuple[str, SnapshotCollector]] = []
     if nvml is not None:
         pids = {"prod": fake_pynvml.LLAMA_PID, "lab": None}
-        # An A3B mixture of experts at IQ3_M: about 1.5 GB of weights read per token.
-        weights = {"prod": ("Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M", 1_500_000_000)}
-        extra.append(("gpu", GpuCollector(nvml, lambda: pids, lambda: weights)))
-    registry.register(exporter_collectors(store.snapshot, plans, ("0.1.0", "3.11.7"), extra))
+        extra.append(("gpu", GpuCollector(nvml, lambda: pids)))
+    registry.register(exporter_collectors(store.snapshot, schedules, ("0.1.0", "3.11.7"), extra))
     text = generate_latest(registry).decode()
     # Durations of the scrape itself vary: pin them for the comparison.
     return re.sub(r"(llama_speed_collector_duration_seconds\{[^}]*\}) \S+", r"\1 0.0", text)
@@ -147,7 +154,8 @@ def test_golden_passes_promtool_check_metrics(name: str, promtool: str) -> None:
 
 
 def test_every_catalogued_metric_is_in_a_golden_file() -> None:
-    text = (GOLDEN / "exposition.prom").read_text() + (GOLDEN / "exposition_gpu.prom").read_text()
+    names = ("exposition.prom", "exposition_gpu.prom", "daemon.prom")
+    text = "".join((GOLDEN / name).read_text() for name in names)
     for metric in metrics.CATALOGUE:
         assert f"# TYPE {metric.exposed_name} {metric.type}" in text, metric.name
 
@@ -210,7 +218,7 @@ def test_discarded_round_keeps_success_unchanged() -> None:
 
 
 class Broken:
-    def collect(self) -> Iterable[Family]:
+    def collect(self, targets: Sequence[TargetState]) -> Iterable[Family]:
         raise RuntimeError("boom")
 
 
@@ -219,8 +227,9 @@ def test_a_failing_collector_does_not_fail_the_scrape() -> None:
     registry = CollectorRegistry()
     registry.register(
         GuardedCollectors(
-            [("broken", Broken()), *exporter_collectors(store.snapshot, {"prod": PLAN, "lab": PLAN})
-             ._collectors],
+            store.snapshot,
+            [("broken", Broken()),
+             *exporter_collectors(store.snapshot, {"prod": SCHEDULE, "lab": SCHEDULE})._collectors],
             ("0.1.0", "3.11.7"),
         )
     )  # fmt: skip

@@ -6,7 +6,7 @@ import inspect
 import os
 import socket
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric as Family
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.gpu import process
-from exporter.gpu.collector import GPU_METRICS, GpuCollector
+from exporter.collectors.gpu import GPU_METRICS, GpuCollector
+from exporter.collectors.guard import GuardedCollectors
 from exporter.gpu.nvml import (
     DEFAULT_RETRY_INTERVAL_S,
     REASONS,
@@ -26,6 +26,7 @@ from exporter.gpu.nvml import (
     GpuUnavailable,
     Nvml,
 )
+from exporter.host import proc as process
 from tests import fake_pynvml as fk
 from tests.fake_pynvml import FakePynvml
 
@@ -52,7 +53,7 @@ class Rig:
         self.collector = GpuCollector(self.nvml, lambda: self.pids)
 
     def scrape(self) -> dict[str, dict[tuple[str, ...], float]]:
-        return samples(self.collector.collect())
+        return samples(self.collector.collect(()))
 
 
 def samples(families: Iterable[Family]) -> dict[str, dict[tuple[str, ...], float]]:
@@ -69,7 +70,7 @@ def errors_of(scrape: Mapping[str, Mapping[tuple[str, ...], float]]) -> dict[str
     return {labels[0]: v for labels, v in scrape["llama_speed_gpu_errors"].items() if v}
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: Sequence[Mapping[str, Any]], name: str) -> list[Mapping[str, Any]]:
     return [e for e in logs if e["event"] == name]
 
 
@@ -154,7 +155,7 @@ def test_collector_renders_both_cards_and_the_targets_share() -> None:
 
 def test_exposition_uses_catalogue_names_and_parses() -> None:
     registry = CollectorRegistry()
-    registry.register(Rig().collector)
+    registry.register(GuardedCollectors(tuple, [("gpu", Rig().collector)], ("", "")))
     text = generate_latest(registry).decode()
     assert "llama_speed_gpu_energy_joules_total{" in text
     assert 'llama_speed_gpu_errors_total{reason="gpu_lost"} 0.0' in text
@@ -412,7 +413,7 @@ def test_pynvml_not_installed_is_library_not_found(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
     with structlog.testing.capture_logs() as logs:
         collector = GpuCollector(Nvml(), dict)
-        scrapes = [samples(collector.collect()) for _ in range(3)]
+        scrapes = [samples(collector.collect(())) for _ in range(3)]
     assert scrapes[-1]["llama_speed_gpu_up"] == {(): 0.0}
     assert errors_of(scrapes[-1]) == {"library_not_found": 3}
     assert len(events(logs, "gpu_unavailable")) == 1
@@ -420,7 +421,7 @@ def test_pynvml_not_installed_is_library_not_found(monkeypatch: pytest.MonkeyPat
 
 def test_real_pynvml_without_a_driver_is_unavailable_not_an_exception() -> None:
     nvml = Nvml()
-    s = samples(GpuCollector(nvml, dict).collect())
+    s = samples(GpuCollector(nvml, dict).collect(()))
     nvml.close()
     if s["llama_speed_gpu_up"] == {(): 1.0}:
         pytest.skip("this machine has a working NVIDIA driver: test_gpu_real.py covers it")

@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.bench.memory import MemoryPeak, host_gpus
-from exporter.gpu.collector import GPU_METRICS, GpuCollector
+from exporter.collectors.gpu import GPU_METRICS, GpuCollector
+from exporter.collectors.guard import GuardedCollectors
 from exporter.gpu.nvml import REASONS, GpuReading, Nvml
 
 UUID = re.compile(r"^(GPU|MIG)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -156,7 +157,9 @@ def test_collector_renders_real_gpus(pynvml: Any, nvml: Nvml, reading: GpuReadin
     )
     pids = {"gpu-holder": holder[1].pid if holder else None, "absent": None}
     registry = CollectorRegistry()
-    registry.register(GpuCollector(nvml, lambda: pids))
+    registry.register(
+        GuardedCollectors(tuple, [("gpu", GpuCollector(nvml, lambda: pids))], ("", ""))
+    )
     text = generate_latest(registry).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for metric in GPU_METRICS:

@@ -28,10 +28,10 @@ from exporter.kv.gguf_meta import GGML_TYPES, MetaValue, ModelFileError, ModelMe
 from exporter.kv.server_args import (
     KvServerArgs,
     ServerArgsError,
-    cache_types,
     server_kv_args,
 )
-from exporter.llama.tiny_model import write_tiny_model
+from testbed.tiny_model import write_tiny_model
+from tests.model_meta import meta_of
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -48,7 +48,7 @@ def meta(arch: str, **keys: MetaValue) -> ModelMeta:
     }
     for name, value in keys.items():
         metadata[f"{arch}.{name.replace('__', '.')}"] = value
-    return ModelMeta.from_metadata(metadata)
+    return meta_of(metadata)
 
 
 def geometry(arch: str, **keys: MetaValue) -> KvGeometry:
@@ -127,10 +127,6 @@ def test_seed_recurrent_state_is_f32_per_sequence(seed_geometry: KvGeometry) -> 
     four = capacity(seed_geometry, n_ctx=4096, n_seq=4, unified=True, type_k="f16", type_v="f16")
     assert four.recurrent_bytes == 4 * 79_036_416
     assert four.total_bytes == four.bytes + four.recurrent_bytes
-    rollback = capacity(
-        seed_geometry, n_ctx=4096, n_seq=1, unified=True, type_k="f16", type_v="f16", n_rs_seq=2
-    )
-    assert rollback.recurrent_bytes == 3 * 79_036_416
 
 
 def test_seed_cells_split_per_sequence(seed_geometry: KvGeometry) -> None:
@@ -462,7 +458,7 @@ def test_unknown_architecture_raises(arch: str) -> None:
 
 
 def test_missing_required_keys_raise() -> None:
-    bare = ModelMeta.from_metadata({"general.architecture": "llama"})
+    bare = meta_of({"general.architecture": "llama"})
     with pytest.raises(KvCacheError, match=r"required key llama\.block_count is missing"):
         KvGeometry.from_meta(bare)
     with pytest.raises(KvCacheError, match="not an integer"):
@@ -500,7 +496,7 @@ def test_read_model_meta(tiny_gguf: Path) -> None:
     assert names[:3] == ["token_embd.weight", "output_norm.weight", "output.weight"]
     assert len(names) == 3 + 4 * 9
     embd = m.tensors[0]
-    assert (embd.type_name, embd.shape, embd.n_elements) == (
+    assert (embd.ggml_type.name, embd.shape, embd.n_elements) == (
         "f32",
         (256, len(tokens)),
         256 * len(tokens),
@@ -510,7 +506,6 @@ def test_read_model_meta(tiny_gguf: Path) -> None:
     assert m.data_offset % m.alignment == 0
     last = m.tensors[-1]
     assert m.data_offset + last.offset + last.n_bytes == m.file_size == tiny_gguf.stat().st_size
-    assert m.tensor_bytes == sum(t.n_bytes for t in m.tensors)
 
 
 def test_tensor_sizes_of_quantized_types() -> None:
@@ -677,12 +672,12 @@ def test_truncated_model_raises(tiny_gguf: Path, tmp_path: Path, keep: float) ->
         read_model_meta(path)
 
 
-def test_from_metadata_needs_an_architecture() -> None:
-    with pytest.raises(ValueError, match=r"general\.architecture"):
-        ModelMeta.from_metadata({"llama.block_count": 4})
-
-
 # --- llama-server arguments -------------------------------------------------------------------
+
+
+def cache_types(argv: list[str], environ: dict[str, str]) -> tuple[str, str]:
+    args = server_kv_args(argv, environ)
+    return args.type_k, args.type_v
 
 
 def test_cache_types_default_to_f16() -> None:
@@ -817,15 +812,3 @@ def test_kv_unified_per_slot_sizes_an_unset_context() -> None:
     assert server_kv_args([*per_slot, "-c", "8192"], {}).effective_ctx_size == 8192
     # -c 0 explicitly asks for the training context.
     assert server_kv_args([*per_slot, "-c", "0"], {}).effective_ctx_size == 0
-
-
-def test_capacity_from_server_args() -> None:
-    geo = gemma2()
-    args = server_kv_args(["-c", "4096", "-np", "2", "-ctk", "q8_0", "-ctv", "q8_0"], {})
-    cap = args.capacity(geo)
-    assert (cap.n_seq, cap.unified, cap.n_ctx_seq) == (2, False, 2048)
-    assert [p.cells for p in cap.parts] == [2048, 768]
-    # 2 layers x 128 elements: 4 blocks x 34 bytes each for K and V.
-    assert cap.parts[0].bytes == 2048 * 2 * 2 * (4 * 34 * 2)
-    with pytest.raises(KvCacheError, match="needs flash attention"):
-        server_kv_args(["-ctv", "q4_0", "-fa", "off"], {}).capacity(geo)

@@ -11,6 +11,7 @@ line, so the argument parser is checked end to end too.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -23,11 +24,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from exporter.kv.cache import KvCapacity, KvGeometry
-from exporter.kv.gguf_meta import read_model_meta
-from exporter.kv.server_args import server_kv_args
-from exporter.llama.server_process import LlamaServerProcess
-from exporter.llama.tiny_model import write_tiny_model
+from exporter.kv.facts import KvOverrides, model_facts
+from exporter.llama.client import LlamaClient
+from exporter.llama.discovery import ServerInfo, discover
+from testbed.llama_server import LlamaServerProcess
+from testbed.tiny_model import write_tiny_model
 from tests.conftest import StartServer
 
 pytestmark = pytest.mark.real_server
@@ -367,6 +368,14 @@ def _close(logged_mib: float, computed_bytes: int) -> bool:
     return abs(logged_mib - computed_bytes / MIB) <= PRINT_TOLERANCE_MIB
 
 
+async def discover_once(url: str) -> ServerInfo:
+    client = LlamaClient(url)
+    try:
+        return await discover(client)
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_capacity_matches_llama_server_log(
     case: Case, kv_models: Callable[[str], Path], llama_server: StartServer
@@ -375,8 +384,11 @@ def test_capacity_matches_llama_server_log(
     server = llama_server(*case.args, "-lv", "4", model=model)
     logged, logged_recurrent = parse_kv_log(wait_for_log(server, _SLOTS_LINE))
 
-    args = server_kv_args(server.command(), {})
-    cap: KvCapacity = args.capacity(KvGeometry.from_meta(read_model_meta(model)))
+    # The path /metrics serves: the server's /props and its command line, through model_facts.
+    info = asyncio.run(discover_once(server.url))
+    facts = model_facts(info, KvOverrides(), server.command(), {})
+    cap = facts.capacity
+    assert cap is not None
 
     assert len(logged) == len(cap.parts), logged
     for part, line in zip(cap.parts, logged, strict=True):
@@ -384,7 +396,7 @@ def test_capacity_matches_llama_server_log(
         assert line.cells == part.cells, details
         assert line.layers == part.n_layers, details
         assert (line.seqs, line.streams) == (cap.n_seq, part.n_stream), details
-        assert (line.type_k, line.type_v) == (args.type_k, args.type_v), details
+        assert (line.type_k, line.type_v) == (facts.type_k, facts.type_v), details
         assert _close(line.k_mib, part.k_bytes), details
         assert _close(line.v_mib, part.v_bytes), details
         assert _close(line.mib, part.bytes), details

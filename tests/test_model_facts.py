@@ -9,11 +9,10 @@ import gguf
 import numpy as np
 import pytest
 
-from exporter.config import KvOverrides
-from exporter.kv.facts import FactsError, model_facts
+from exporter.kv.facts import FactsError, KvOverrides, model_facts
 from exporter.llama.discovery import ServerInfo
-from exporter.llama.server_process import LlamaServerProcess
-from exporter.llama.tiny_model import write_tiny_model
+from testbed.llama_server import LlamaServerProcess
+from testbed.tiny_model import write_tiny_model
 from tests.conftest import StartServer
 from tests.daemon_harness import fast_target, running_daemon, sample, wait_for_metrics
 from tests.test_kv_real_server import _SLOTS_LINE, LoggedKvCache, parse_kv_log, wait_for_log
@@ -23,7 +22,7 @@ MIB = 1024 * 1024
 
 def info(path: Path, ctx: int = 4096, slots: int = 4) -> ServerInfo:
     return ServerInfo(
-        model="m", model_alias=str(path), model_path=str(path), ctx=ctx, slots=slots,
+        model="m", model_path=str(path), ctx=ctx, slots=slots,
         quant="all F32", build="b0", n_vocab=314, n_params=1, size_bytes=1, n_ctx_train=8192,
         slots_endpoint=True, metrics_endpoint=False,
     )  # fmt: skip
@@ -71,9 +70,9 @@ def test_cache_types_config_beats_process_beats_f16(model: Path) -> None:
     default = model_facts(info(model), KvOverrides(), None, None)
     assert (default.type_k, default.type_v) == ("f16", "f16")
     # Without the process's options the layout (unified or per slot) is unknown.
-    assert default.capacity_tokens is None and default.bytes_per_token == 4 * (128 + 128) * 2
+    assert default.capacity is None and default.bytes_per_token == 4 * (128 + 128) * 2
     unified = model_facts(info(model), KvOverrides(kv_unified=True), None, None)
-    assert unified.capacity_tokens == 4096
+    assert unified.capacity is not None and unified.capacity.cells == 4096
 
 
 def test_an_explicit_context_is_what_is_allocated_even_past_the_training_context(
@@ -83,10 +82,10 @@ def test_an_explicit_context_is_what_is_allocated_even_past_the_training_context
     # then caps each slot, so /props says 8192.
     argv = ["llama-server", "-m", str(model), "-c", "16384"]
     facts = model_facts(info(model, ctx=8192), KvOverrides(), argv, {})
-    assert facts.capacity_tokens == 16384
+    assert facts.capacity is not None and facts.capacity.cells == 16384
     # Without -c (or -c 0) the server's context is only known from /props.
     auto = model_facts(info(model, ctx=8192), KvOverrides(), ["llama-server", "-m", str(model)], {})
-    assert auto.capacity_tokens == 8192
+    assert auto.capacity is not None and auto.capacity.cells == 8192
 
 
 def test_unknown_cache_type(model: Path) -> None:

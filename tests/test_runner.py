@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -11,10 +10,12 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import SecretStr
 
-from exporter.config import ProbePlan, resolve_plan
 from exporter.llama.client import LlamaClient
+from exporter.probe.plan import MeasurePlan
 from exporter.probe.results import RoundResult
 from exporter.probe.runner import ProbeRunner
+from exporter.schedule.budget import DutyBudget
+from exporter.schedule.rounds import BudgetedRounds
 from tests.fakes import FakeLlama
 
 T = TypeVar("T")
@@ -24,11 +25,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def plan(**changes: Any) -> ProbePlan:
-    base = dataclasses.replace(
-        resolve_plan([]), prompt_tokens=64, generation_tokens=16, warmup=False, repetitions=1
-    )
-    return dataclasses.replace(base, **changes)
+def plan(**changes: Any) -> MeasurePlan:
+    base = {"prompt_tokens": 64, "generation_tokens": 16, "warmup": False, "repetitions": 1}
+    return MeasurePlan(**{**base, **changes})
 
 
 class Clock:
@@ -39,8 +38,8 @@ class Clock:
         return self.now
 
 
-async def one_round(fake: FakeLlama, p: ProbePlan | None = None, **kw: Any) -> RoundResult:
-    client = LlamaClient("http://llama", fake.api_key and None, transport=fake.transport())
+async def one_round(fake: FakeLlama, p: MeasurePlan | None = None, **kw: Any) -> RoundResult:
+    client = LlamaClient("http://llama", transport=fake.transport())
     runner = ProbeRunner("t", client, p or plan(), rng=random.Random(1), **kw)
     try:
         return await runner.run_round()
@@ -66,7 +65,9 @@ def test_pp_and_tg_requests_are_fresh_pinned_and_exact() -> None:
     assert prompt.timings.cache_n == 0 and prompt.tokens == 64
     assert prompt.tokens_per_second == pytest.approx(10000)
     assert gen.tokens == 15 and gen.tokens_per_second == pytest.approx(2000)
-    assert prompt.time_to_first_token is not None and prompt.time_to_first_token >= 0
+    assert (
+        prompt.time_to_first_token_seconds is not None and prompt.time_to_first_token_seconds >= 0
+    )
     assert all(o.succeeded for o in result.outcomes.values())
     assert result.server is not None and result.server.model == "Tiny-Model.Q8_0"
 
@@ -195,7 +196,8 @@ def test_duty_budget_skips_rounds_past_the_share() -> None:
 
     async def rounds() -> list[RoundResult]:
         client = LlamaClient("http://llama", transport=fake.transport())
-        runner = ProbeRunner("t", client, plan(duty_budget=0.02), clock=clock)
+        runner = ProbeRunner("t", client, plan(), clock=clock)
+        scheduled = BudgetedRounds("t", runner.run_round, DutyBudget(0.02, 3600, clock))
         results = []
         # Each round "takes" 30 s of the fake clock; 2% of an hour is 72 s. A round runs only
         # if the time already spent plus what the last round took still fits.
@@ -207,15 +209,15 @@ def test_duty_budget_skips_rounds_past_the_share() -> None:
 
         runner._client.complete = slow  # type: ignore[method-assign]
         for _ in range(3):
-            results.append(await runner.run_round())
+            results.append(await scheduled.next())
             clock.now += 600
         clock.now += 3600  # the window slides past the old rounds
-        results.append(await runner.run_round())
+        results.append(await scheduled.next())
         return results
 
     first, second, third, later = run(rounds())
     assert first.skips == () and second.skips == ()
-    assert third.skips == ("duty_budget",)
+    assert third.skips == ("duty_budget",) and not third.outcomes
     assert later.skips == ()
 
 
@@ -251,7 +253,7 @@ def test_hung_server_costs_at_most_the_timeout() -> None:
     async def timed() -> RoundResult:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        result = await one_round(fake, plan(timeout=0.3, interval=10))
+        result = await one_round(fake, plan(timeout=0.3))
         loop_time.append(loop.time() - start)
         return result
 
@@ -286,9 +288,11 @@ def test_a_busy_skip_does_not_lower_what_the_next_round_is_expected_to_cost() ->
 
     async def rounds() -> list[RoundResult]:
         client = LlamaClient("http://llama", transport=fake.transport())
+        runner = ProbeRunner("t", client, plan(), clock=clock)
         # 60.5 s of the hour: a 30 s round, then a 1 s busy skip, leave 29.5 s, too little
         # for another 30 s round, but enough for the 1 s the skip took.
-        runner = ProbeRunner("t", client, plan(duty_budget=60.5 / 3600), clock=clock)
+        budget = DutyBudget(60.5 / 3600, 3600, clock)
+        scheduled = BudgetedRounds("t", runner.run_round, budget)
         original_complete, original_read = runner._client.complete, runner._activity.read
 
         async def slow(body: dict[str, Any], timeout: float) -> Any:
@@ -301,11 +305,11 @@ def test_a_busy_skip_does_not_lower_what_the_next_round_is_expected_to_cost() ->
 
         runner._client.complete = slow  # type: ignore[method-assign]
         runner._activity.read = slow_read  # type: ignore[method-assign]
-        results = [await runner.run_round()]
+        results = [await scheduled.next()]
         fake.busy_slots.add(0)
-        results.append(await runner.run_round())
+        results.append(await scheduled.next())
         fake.busy_slots.clear()
-        results.append(await runner.run_round())
+        results.append(await scheduled.next())
         return results
 
     measured, busy, next_round = run(rounds())

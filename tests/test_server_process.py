@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.llama.server_process import LlamaServerProcess, ServerStartError
-from exporter.llama.tiny_model import write_tiny_model
+from exporter.llama.server_process import ServerStartError
+from testbed.llama_server import LlamaServerProcess
+from testbed.tiny_model import write_tiny_model
 
 # Emitted at verbosity 4 (`-lv 4`) only: one line per KV cache, sizes in MiB.
 KV_SIZE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers")

@@ -23,11 +23,11 @@ import httpx
 import pytest
 import yaml
 
-from exporter import webconfig
 from exporter.cli import parse
 from exporter.config import Config, ConfigError
 from exporter.daemon import Daemon
-from exporter.webconfig import (
+from exporter.web import webconfig
+from exporter.web.webconfig import (
     AUTH_CACHE_SECONDS,
     BasicAuth,
     ReloadableWebConfig,
@@ -372,10 +372,10 @@ def test_flag_env_and_file_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert parse([])[1].web_config_file is None
     main = tmp_path / "config.yaml"
     main.write_text("web:\n  config_file: /etc/file.yml\n")
-    assert parse(["--config", str(main)])[1].web_config_file == Path("/etc/file.yml")
+    assert parse(["--config.file", str(main)])[1].web_config_file == Path("/etc/file.yml")
     monkeypatch.setenv("LLAMA_SPEED_WEB_CONFIG_FILE", "/etc/env.yml")
-    assert parse(["--config", str(main)])[1].web_config_file == Path("/etc/env.yml")
-    flag = parse(["--config", str(main), "--web.config.file", "web.yml"])[1]
+    assert parse(["--config.file", str(main)])[1].web_config_file == Path("/etc/env.yml")
+    flag = parse(["--config.file", str(main), "--web.config.file", "web.yml"])[1]
     assert flag.web_config_file == Path("web.yml")
 
 
@@ -453,7 +453,7 @@ def test_basic_auth_caches_successes_only(tmp_path: Path, monkeypatch: pytest.Mo
         calls.append(hashed)
         return real(password, hashed)
 
-    monkeypatch.setattr(webconfig.bcrypt, "checkpw", counting)
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
     auth = BasicAuth(monotonic=clock)
     assert auth.check(config, basic("a", "pw")) and len(calls) == 1
     assert auth.check(config, basic("a", "pw")) and len(calls) == 1  # cached

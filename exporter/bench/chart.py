@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
 from exporter.bench.record import BenchRecord, RunRecord
-from exporter.bench.stats import Kind, test_name
 from exporter.bench.units import ctx_label
+from exporter.probe.results import Kind
+from exporter.probe.stats import test_name
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

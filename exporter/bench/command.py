@@ -13,17 +13,17 @@ from typing import Final
 
 import structlog
 from pydantic import SecretStr
-from rich.console import Console
 
 from exporter import log
 from exporter.bench.chart import ChartUnavailableError, write_chart
 from exporter.bench.compare import compare_markdown
 from exporter.bench.launch import ServerCommand, ServerCommandError, resolve_executable
-from exporter.bench.progress import LogProgress, TerminalProgress
+from exporter.bench.progress import display
 from exporter.bench.record import BenchFileError, BenchRecord, PlanRecord, load
 from exporter.bench.report import render_report, summary_table
 from exporter.bench.sweep import Bench, BenchSettings
 from exporter.gpu.nvml import Nvml
+from exporter.probe.plan import MeasurePlan
 
 EXIT_OK: Final = 0
 EXIT_NOT_ALL_STABLE: Final = 1
@@ -35,6 +35,9 @@ REPORT_MD: Final = "report.md"
 CHART_PNG: Final = "chart.png"
 
 logger = structlog.get_logger("bench")
+# The daemon's declaration of each probe setting; bench takes its defaults from there, except
+# the repetitions, which default to llama-bench's 5.
+_PLAN_FIELDS = MeasurePlan.model_fields
 
 
 def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
@@ -70,11 +73,12 @@ def _positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{prog} bench",
+        allow_abbrev=False,
         description="Benchmark llama-server's PP and TG speed, VRAM and KV cache across "
         "context sizes, and write a Markdown report, JSON with every sample and a chart.",
     )
     sub = parser.add_subparsers(dest="bench_command", required=True)
-    run = sub.add_parser("run", help="run a bench (the default)")
+    run = sub.add_parser("run", allow_abbrev=False, help="run a bench (the default)")
     mode = run.add_mutually_exclusive_group(required=True)
     mode.add_argument("--target", metavar="URL", help="benchmark this running llama-server")
     mode.add_argument(
@@ -93,7 +97,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "-p",
         "--prompt-tokens",
         type=_int_list(1),
-        default=(512,),
+        default=(_PLAN_FIELDS["prompt_tokens"].default,),
         metavar="LIST",
         help="PP sizes (default 512)",
     )
@@ -101,7 +105,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "-n",
         "--generation-tokens",
         type=_int_list(2),
-        default=(128,),
+        default=(_PLAN_FIELDS["generation_tokens"].default,),
         metavar="LIST",
         help="TG sizes (default 128)",
     )
@@ -109,7 +113,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "-d",
         "--depths",
         type=_int_list(0),
-        default=(0,),
+        default=_PLAN_FIELDS["depths"].default,
         metavar="LIST",
         help="tokens already in context, e.g. 0,4096,16384 (default 0)",
     )
@@ -137,16 +141,29 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     run.add_argument("--no-gpu", action="store_true", help="do not read GPUs through NVML")
     run.add_argument("--no-chart", action="store_true", help="do not draw chart.png")
-    run.add_argument("--log-format", choices=("console", "json"), default="console")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    compare = sub.add_parser("compare", help="compare two bench results, per context")
+    # The daemon's spelling first; the dashed one of earlier releases still works.
+    run.add_argument(
+        "--log.format", "--log-format", dest="log_format", choices=("console", "json"),
+        default="console",
+    )  # fmt: skip
+    run.add_argument(
+        "--log.level", "--log-level", dest="log_level",
+        choices=("debug", "info", "warning", "error"),
+    )  # fmt: skip
+    compare = sub.add_parser(
+        "compare", allow_abbrev=False, help="compare two bench results, per context"
+    )
     compare.add_argument("a", type=Path, metavar="A.json")
     compare.add_argument("b", type=Path, metavar="B.json")
     compare.add_argument("-o", "--out", type=Path, metavar="FILE", help="write Markdown here")
-    report = sub.add_parser("report", help="render a bench result's Markdown report again")
+    report = sub.add_parser(
+        "report", allow_abbrev=False, help="render a bench result's Markdown report again"
+    )
     report.add_argument("result", type=Path, metavar="RESULT.json")
     report.add_argument("-o", "--out", type=Path, metavar="FILE", help="write Markdown here")
-    chart = sub.add_parser("chart", help="draw PP and TG against context for bench results")
+    chart = sub.add_parser(
+        "chart", allow_abbrev=False, help="draw PP and TG against context for bench results"
+    )
     chart.add_argument("results", type=Path, nargs="+", metavar="RESULT.json")
     chart.add_argument("-o", "--out", type=Path, default=Path(CHART_PNG), metavar="FILE")
     return parser
@@ -217,9 +234,8 @@ def _interrupt_on_sigterm() -> None:
 def _run(args: argparse.Namespace, settings: BenchSettings) -> int:
     out: Path = args.out
     settings.log_dir.mkdir(parents=True, exist_ok=True)
-    console = Console(stderr=True)
-    interactive = console.is_terminal and args.log_format == "console"
-    progress = TerminalProgress(console) if interactive else LogProgress()
+    interactive = sys.stderr.isatty() and args.log_format == "console"
+    progress = display(interactive=interactive)
     nvml = None if args.no_gpu else Nvml()
 
     def write(record: BenchRecord) -> None:

@@ -30,8 +30,10 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 
 from exporter.bench.record import STATUS_TEXT, BenchRecord, RunRecord
-from exporter.bench.stats import Kind, TestStats, differs, test_name
+from exporter.bench.stats import differs
 from exporter.bench.units import GIB, MIB, ctx_label, speed
+from exporter.probe.results import Kind
+from exporter.probe.stats import TestStats, test_name
 
 ABSENT: Final = "—"
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from exporter.llama.server_process import ServerStartError, default_binary, free_port, redacted
+from exporter.llama.argv import ArgvError, find_options, without_options
+from exporter.llama.server_process import ServerStartError, default_binary, free_port
 
 _CTX_FLAGS: Final = ("-c", "--ctx-size")
 _HOST_FLAGS: Final = ("--host",)
@@ -22,10 +23,6 @@ LLAMA_SERVER: Final = "llama-server"
 
 class ServerCommandError(ValueError):
     """A --server-cmd that cannot be run as written."""
-
-
-def _flag_name(arg: str) -> str:
-    return arg.split("=", 1)[0].replace("_", "-") if arg.startswith("--") else arg
 
 
 @dataclass(frozen=True)
@@ -47,26 +44,17 @@ class ServerCommand:
             # A wrapper (a script, `sh -c`, `env`) has options of its own: leave them alone and
             # append ours, which llama-server takes as the last, winning, values.
             return cls(tuple(argv), "127.0.0.1", None)
-        kept = [argv[0]]
-        found: dict[str, str] = {}
-        i = 1
-        while i < len(argv):
-            arg, name = argv[i], _flag_name(argv[i])
-            if name in (*_CTX_FLAGS, *_HOST_FLAGS, *_PORT_FLAGS):
-                if "=" in arg:
-                    value, i = arg.split("=", 1)[1], i + 1
-                elif i + 1 < len(argv):
-                    value, i = argv[i + 1], i + 2
-                else:
-                    raise ServerCommandError(f"--server-cmd: {arg} needs a value")
-                found[name] = value
-                continue
-            kept.append(arg)
-            i += 1
+        owned = dict.fromkeys((*_CTX_FLAGS, *_HOST_FLAGS, *_PORT_FLAGS), True)
+        try:
+            found = {o.name: o.value for o in find_options(argv[1:], owned)}
+        except ArgvError as exc:
+            raise ServerCommandError(f"--server-cmd: {exc}") from None
+        kept = [argv[0], *without_options(argv[1:], owned)]
         port = found.get("--port")
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
             raise ServerCommandError(f"--server-cmd: --port {port!r} is not a TCP port")
-        return cls(tuple(kept), found.get("--host", "127.0.0.1"), int(port) if port else None)
+        host = found.get("--host") or "127.0.0.1"
+        return cls(tuple(kept), host, int(port) if port else None)
 
     def for_ctx(self, ctx: int | None, port: int) -> list[str]:
         """The command for one run: the owner's, with the bench's context and address."""
@@ -78,11 +66,6 @@ class ServerCommand:
 
     def pick_port(self) -> int:
         return self.port if self.port is not None else free_port(self.host)
-
-    def display(self, ctx: int | None) -> str:
-        """The command as the report shows it: the context, not the per-run port."""
-        shown = [*self.argv, *(["-c", str(ctx)] if ctx is not None else [])]
-        return shlex.join(redacted(shown))
 
 
 def resolve_executable(name: str) -> str:

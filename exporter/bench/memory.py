@@ -14,7 +14,7 @@ import structlog
 
 from exporter.bench.record import GpuMemory, HostGpu
 from exporter.gpu.nvml import GpuReading, GpuUnavailable, Nvml
-from exporter.gpu.process import PROC, rss_bytes
+from exporter.host.proc import PROC, rss_bytes
 
 log = structlog.get_logger(__name__)
 

@@ -1,91 +1,55 @@
-"""What a bench shows while it runs: a rich progress display on a terminal, log lines elsewhere."""
+"""What a bench shows while it runs: log lines, or a progress display on a terminal.
+
+The display (`exporter.bench.terminal`) needs rich, from the `bench` extra; without it, or off a
+terminal, the same events are log lines.
+"""
 
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 import structlog
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from exporter.bench.record import STATUS_TEXT, RunRecord
-from exporter.bench.stats import test_name
 from exporter.bench.units import speed
 from exporter.probe.results import Sample
+from exporter.probe.stats import test_name
 
 log = structlog.get_logger("bench")
 
 
-def _outcome(run: RunRecord) -> str:
-    figures = ", ".join(f"{t.name} {speed(t)} t/s" for t in run.tests)
-    why = f" ({run.reason})" if run.reason and run.status != "stable" else ""
-    return f"{STATUS_TEXT[run.status]}{why}" + (f": {figures}" if figures else "")
+class Display(Protocol):
+    """A bench's observer (see `exporter.bench.sweep.Observer`), shown while in its context."""
 
-
-class TerminalProgress:
-    """One bar per run, advancing with each sample; finished runs stay on screen.
-
-    Every event is drawn at once (`refresh=True`), not at the display's next tick: a phase can
-    be shorter than a tick, and the last sample before an interrupt should be on screen.
-    """
-
-    def __init__(self, console: Console) -> None:
-        self._progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        )
-        self._task: TaskID | None = None
-        self._title = ""
-
-    def __enter__(self) -> Self:
-        self._progress.start()
-        return self
-
+    def __enter__(self) -> Self: ...
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
-        self._progress.stop()
+    ) -> None: ...
+    def run_started(self, index: int, total: int, title: str, samples_expected: int) -> None: ...
+    def phase(self, text: str) -> None: ...
+    def sample(self, sample: Sample) -> None: ...
+    def run_finished(self, run: RunRecord) -> None: ...
 
-    def run_started(self, index: int, total: int, title: str, samples_expected: int) -> None:
-        self._title = f"[{index}/{total}] {title}"
-        self._task = self._progress.add_task(self._title, total=samples_expected)
 
-    def phase(self, text: str) -> None:
-        if self._task is not None:
-            self._progress.update(self._task, description=f"{self._title}: {text}", refresh=True)
+def display(*, interactive: bool) -> Display:
+    """The terminal display where wanted and rich is installed; log lines otherwise."""
+    if interactive:
+        try:
+            from exporter.bench.terminal import TerminalProgress  # noqa: PLC0415 - optional
+        except ImportError:  # rich comes with the bench extra
+            return LogProgress()
+        return TerminalProgress.on_stderr()
+    return LogProgress()
 
-    def sample(self, sample: Sample) -> None:
-        if self._task is not None:
-            name = test_name(sample.kind, sample.tokens, sample.depth)
-            self._progress.update(
-                self._task,
-                advance=1,
-                description=f"{self._title}: {name} {sample.tokens_per_second:.2f} t/s",
-                refresh=True,
-            )
 
-    def run_finished(self, run: RunRecord) -> None:
-        if self._task is not None:
-            self._progress.update(
-                self._task, description=f"{self._title}: {_outcome(run)}", refresh=True
-            )
-            self._progress.stop_task(self._task)
+def outcome(run: RunRecord) -> str:
+    figures = ", ".join(f"{t.name} {speed(t)} t/s" for t in run.tests)
+    why = f" ({run.reason})" if run.reason and run.status != "stable" else ""
+    return f"{STATUS_TEXT[run.status]}{why}" + (f": {figures}" if figures else "")
 
 
 class LogProgress:
@@ -97,7 +61,12 @@ class LogProgress:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         return None
 
     def run_started(self, index: int, total: int, title: str, samples_expected: int) -> None:

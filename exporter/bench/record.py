@@ -13,8 +13,8 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
-from exporter.bench.stats import TestStats, summarize
-from exporter.probe.results import Sample
+from exporter.probe.results import Kind, Sample
+from exporter.probe.stats import TestStats, summarize
 
 SCHEMA: Final = "llama-speed-exporter/bench/v1"
 
@@ -41,7 +41,7 @@ class _Record(BaseModel):
 
 
 class SampleRecord(_Record):
-    kind: Literal["prompt", "generation"]
+    kind: Kind
     depth: int
     tokens: int  # prompt tokens decoded, or generation steps timed
     seconds: float
@@ -61,7 +61,7 @@ class SampleRecord(_Record):
             depth=sample.depth,
             tokens=sample.tokens,
             seconds=sample.seconds,
-            time_to_first_token_seconds=sample.time_to_first_token,
+            time_to_first_token_seconds=sample.time_to_first_token_seconds,
             energy_joules=sample.energy_joules,
             timings={k: float(v) for k, v in vars(sample.timings).items()},
         )

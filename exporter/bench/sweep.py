@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol
-from urllib.parse import urlsplit
 
 import structlog
 from pydantic import SecretStr
@@ -36,24 +35,23 @@ from exporter.bench.record import (
     ServerRecord,
     Status,
 )
-from exporter.config import KvOverrides, ProbePlan
 from exporter.gpu.nvml import Nvml
-from exporter.gpu.process import (
+from exporter.host.address import local_port
+from exporter.host.proc import (
     find_listening_pid,
     process_group,
     read_cmdline,
     read_environ,
 )
-from exporter.gpu.targets import is_this_host
-from exporter.kv.facts import FactsError, model_facts
+from exporter.kv.facts import FactsError, KvOverrides, model_facts
 from exporter.llama.client import LlamaClient, ServerError
 from exporter.llama.discovery import ServerInfo, discover
 from exporter.llama.server_process import ServerProcess, ServerStartError, redacted
+from exporter.probe.plan import MeasurePlan
 from exporter.probe.results import (
     DISCARD_OVERLAP,
     SKIP_BUSY,
     SKIP_DEPTH_EXCEEDS_CONTEXT,
-    Kind,
     RoundResult,
     Sample,
 )
@@ -338,27 +336,19 @@ class Bench:
                 return
             sizes = itertools.zip_longest(plan.prompt_tokens, plan.generation_tokens)
             for prompt_tokens, generation_tokens in sizes:
-                kinds: list[Kind] = []
-                if prompt_tokens is not None:
-                    kinds.append("prompt")
-                if generation_tokens is not None:
-                    kinds.append("generation")
-                probe_plan = ProbePlan(
-                    interval=settings.probe_timeout * 2,
+                # One round per size pair, as llama-bench runs its tests: where one list is
+                # longer, the other kind is left out (0 tokens) of the extra rounds.
+                probe_plan = MeasurePlan(
                     timeout=settings.probe_timeout,
-                    jitter=0.0,
-                    discovery_interval=settings.probe_timeout,
-                    prompt_tokens=prompt_tokens or plan.prompt_tokens[0],
-                    generation_tokens=generation_tokens or plan.generation_tokens[0],
+                    prompt_tokens=prompt_tokens or 0,
+                    generation_tokens=generation_tokens or 0,
                     depths=depths,
                     repetitions=plan.repetitions,
-                    slot=None,
-                    duty_budget=1.0,
                     warmup=plan.warmup,
                     # A running server may serve production: measure only while it is idle.
                     require_busy_check=settings.command is None,
                 )
-                await self._round(client, probe_plan, tuple(kinds), state)
+                await self._round(client, probe_plan, state)
         except ServerError as exc:
             state.problems.append(f"{exc.reason}: {exc.detail}")
         finally:
@@ -368,9 +358,7 @@ class Bench:
             peak.sample()
             await client.aclose()
 
-    async def _round(
-        self, client: LlamaClient, plan: ProbePlan, kinds: tuple[Kind, ...], state: _RunState
-    ) -> None:
+    async def _round(self, client: LlamaClient, plan: MeasurePlan, state: _RunState) -> None:
         def collect(sample: Sample) -> None:
             state.pending.append(sample)
             self._observer.sample(sample)
@@ -380,7 +368,7 @@ class Bench:
         for attempt in range(self.settings.busy_retries + 1):
             state.pending.clear()
             self._observer.phase("probing" if attempt == 0 else f"probing (try {attempt + 1})")
-            result = await runner.run_round(ignore_budget=True, kinds=kinds)
+            result = await runner.run_round()
             if _needs_retry(result) and attempt < self.settings.busy_retries:
                 self._observer.phase(f"server busy ({result.detail}); waiting")
                 await asyncio.sleep(self.settings.busy_wait_s)
@@ -449,15 +437,12 @@ class Bench:
             type_k=facts.type_k,
             type_v=facts.type_v,
             bytes_per_token=facts.bytes_per_token,
-            cells=facts.capacity_tokens,
-            bytes=facts.capacity_bytes,
+            cells=facts.capacity.cells if facts.capacity else None,
+            bytes=facts.capacity.total_bytes if facts.capacity else None,
             log_bytes=kv_log_bytes(server.log_text()) if server is not None else None,
         ), note
 
 
 def _local_pid(url: str) -> int | None:
-    parts = urlsplit(url)
-    if parts.hostname is None or not is_this_host(parts.hostname):
-        return None
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return find_listening_pid(port).pid
+    port = local_port(url)
+    return find_listening_pid(port).pid if port is not None else None

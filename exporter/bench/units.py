@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from exporter.bench.stats import TestStats
+from exporter.probe.stats import TestStats
 
 _KIB: Final = 1024
 MIB: Final = _KIB**2

@@ -1,33 +1,32 @@
-"""Custom collectors: each renders families from current state on every scrape."""
+"""Custom collectors: each renders families on every scrape from one snapshot of the store."""
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Mapping, Sequence
 
-from prometheus_client.registry import Collector
-
 from exporter import __version__
-from exporter.collectors.guard import GuardedCollectors
+from exporter.collectors.guard import GuardedCollectors, SnapshotCollector
 from exporter.collectors.kv import KvCollector
 from exporter.collectors.probe import ProbeCollector
 from exporter.collectors.server import ServerCollector
-from exporter.config import ProbePlan
-from exporter.state import TargetState
+from exporter.schedule.plan import Schedule
+from exporter.state.store import TargetState
 
 
 def exporter_collectors(
-    snapshot: Callable[[], list[TargetState]],
-    plans: Mapping[str, ProbePlan],
+    snapshot: Callable[[], Sequence[TargetState]],
+    schedules: Mapping[str, Schedule],
     build_labels: tuple[str, str] = (__version__, platform.python_version()),
-    extra: Sequence[tuple[str, Collector]] = (),
+    extra: Sequence[tuple[str, SnapshotCollector]] = (),
 ) -> GuardedCollectors:
     """Every collector of the exporter's own metrics, each isolated from the others."""
     return GuardedCollectors(
+        snapshot,
         [
-            ("server", ServerCollector(snapshot)),
-            ("probe", ProbeCollector(snapshot, plans)),
-            ("kv", KvCollector(snapshot)),
+            ("server", ServerCollector()),
+            ("probe", ProbeCollector(schedules)),
+            ("kv", KvCollector()),
             *extra,
         ],
         build_labels,

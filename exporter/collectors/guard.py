@@ -1,17 +1,23 @@
-"""Runs each collector in isolation, so one failing collector never fails a scrape."""
+"""Runs each collector in isolation, so one failing collector never fails a scrape, and gives
+them all the same snapshot of the store, so a scrape is one consistent view."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import structlog
 from prometheus_client.core import Metric as Family
-from prometheus_client.registry import Collector
 
-from exporter import metrics as m
+from exporter.collectors import catalogue as m
+from exporter.state.store import TargetState
 
 log = structlog.get_logger(__name__)
+
+
+class SnapshotCollector(Protocol):
+    def collect(self, targets: Sequence[TargetState]) -> Iterable[Family]: ...
 
 
 class GuardedCollectors:
@@ -19,19 +25,24 @@ class GuardedCollectors:
 
     def __init__(
         self,
-        collectors: Sequence[tuple[str, Collector]],
+        snapshot: Callable[[], Sequence[TargetState]],
+        collectors: Sequence[tuple[str, SnapshotCollector]],
         build_labels: tuple[str, str],
     ) -> None:
+        self._snapshot = snapshot
         self._collectors = collectors
         self._build_labels = build_labels
         self._failing: set[str] = set()
 
     def collect(self) -> Iterable[Family]:
         success, duration = m.COLLECTOR_SUCCESS.family(), m.COLLECTOR_DURATION.family()
+        # One copy of the store per scrape: server_info, speeds and KV of a target all come
+        # from the same moment, and no collector pays for a copy of its own.
+        targets = self._snapshot()
         for name, collector in self._collectors:
             started = time.perf_counter()
             try:
-                families = list(collector.collect())
+                families = list(collector.collect(targets))
             except Exception as exc:
                 families = []
                 ok = False

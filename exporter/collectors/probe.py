@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client.core import Metric as Family
 
-from exporter import metrics as m
-from exporter.config import ProbePlan
+from exporter.collectors import catalogue as m
 from exporter.probe.results import DISCARD_REASONS, FAILURE_REASONS, KINDS, SKIP_REASONS
-from exporter.state import TargetState
+from exporter.schedule.plan import Schedule
+from exporter.state.store import TargetState
 
 
 class ProbeCollector:
-    def __init__(
-        self, snapshot: Callable[[], list[TargetState]], plans: Mapping[str, ProbePlan]
-    ) -> None:
-        self._snapshot = snapshot
-        self._plans = plans
+    def __init__(self, schedules: Mapping[str, Schedule]) -> None:
+        self._schedules = schedules
 
-    def collect(self) -> Iterable[Family]:
-        targets = self._snapshot()
+    def collect(self, targets: Sequence[TargetState]) -> Iterable[Family]:
         yield from self._speeds(targets)
         yield from self._outcomes(targets)
 
     @staticmethod
-    def _speeds(targets: list[TargetState]) -> Iterable[Family]:
+    def _speeds(targets: Sequence[TargetState]) -> Iterable[Family]:
         fams = {
             metric: metric.family()
             for metric in (
@@ -56,7 +52,7 @@ class ProbeCollector:
                     energy.add_metric([*labels, kind], joules)
         yield from (*fams.values(), energy)
 
-    def _outcomes(self, targets: list[TargetState]) -> Iterable[Family]:
+    def _outcomes(self, targets: Sequence[TargetState]) -> Iterable[Family]:
         success, duration, last_ok = (
             m.PROBE_SUCCESS.family(), m.PROBE_DURATION.family(), m.PROBE_LAST_SUCCESS.family(),
         )  # fmt: skip
@@ -86,8 +82,8 @@ class ProbeCollector:
             for reason in SKIP_REASONS:
                 skipped.add_metric([t.name, reason], t.skips[reason])
             duty.add_metric([t.name], t.duty_ratio)
-            plan = self._plans[t.name]
-            budget.add_metric([t.name], plan.duty_budget)
-            interval.add_metric([t.name], plan.interval)
+            schedule = self._schedules[t.name]
+            budget.add_metric([t.name], schedule.duty_budget)
+            interval.add_metric([t.name], schedule.interval)
         yield from (success, duration, last_ok, probes, failures, discarded)
         yield from (skipped, duty, budget, interval)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 
 from prometheus_client.core import Metric as Family
 
-from exporter import metrics as m
-from exporter.state import TargetState
+from exporter.collectors import catalogue as m
+from exporter.state.store import TargetState
 
 
 class ServerCollector:
-    def __init__(self, snapshot: Callable[[], list[TargetState]]) -> None:
-        self._snapshot = snapshot
-
-    def collect(self) -> Iterable[Family]:
+    def collect(self, targets: Sequence[TargetState]) -> Iterable[Family]:
         up, info = m.SERVER_UP.family(), m.SERVER_INFO.family()
         params, size, train = (
             m.MODEL_PARAMETERS.family(), m.MODEL_SIZE.family(), m.MODEL_TRAIN_CTX.family(),
         )  # fmt: skip
-        for t in self._snapshot():
+        for t in targets:
             up.add_metric([t.name], 1.0 if t.up else 0.0)
             s = t.server
             if not t.up or s is None:

@@ -1,2 +1,1 @@
-"""GPU readings: NVML (nvml.py, the only module that imports pynvml), the target's process on
-this host (process.py), and the Prometheus collector that renders them (collector.py)."""
+"""NVML behind one module (nvml.py, the only one that imports pynvml)."""

@@ -238,7 +238,6 @@ def capacity(
     n_batch: int = DEFAULT_N_BATCH,
     n_ubatch: int = DEFAULT_N_UBATCH,
     flash_attn: bool = True,
-    n_rs_seq: int = 0,
 ) -> KvCapacity:
     """The cache llama.cpp allocates for a context of `n_ctx` tokens and `n_seq` sequences.
 
@@ -299,10 +298,8 @@ def capacity(
 
     recurrent_bytes = 0
     if geometry.recurrent is not None:
-        if n_rs_seq < 0:
-            raise KvCacheError(f"n_rs_seq must not be negative, got {n_rs_seq}")
-        # One state row per sequence, plus rollback snapshots for speculative decoding.
-        recurrent_bytes = geometry.recurrent.bytes_per_seq * n_seq * (1 + n_rs_seq)
+        # One state row per sequence.
+        recurrent_bytes = geometry.recurrent.bytes_per_seq * n_seq
 
     return KvCapacity(
         n_ctx=n_ctx_total,

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from exporter.ceiling import bytes_read_per_token
-from exporter.config import KvOverrides
 from exporter.kv.cache import (
     KvCacheError,
+    KvCapacity,
     KvGeometry,
     UnknownArchitecture,
     UnknownCacheTypeError,
     bytes_per_token,
     capacity,
 )
+from exporter.kv.ceiling import bytes_read_per_token
 from exporter.kv.gguf_meta import ModelFileError, read_model_meta
 from exporter.kv.server_args import KvServerArgs, ServerArgsError, server_kv_args
 from exporter.llama.discovery import ServerInfo
@@ -41,14 +41,23 @@ KV_REASONS: Final = (
 
 
 @dataclass(frozen=True)
+class KvOverrides:
+    """What the config file says about a target's KV cache; it beats the process's options."""
+
+    model_path: Path | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    kv_unified: bool | None = None
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """The KV cache and weight traffic of one served model; capacity needs the cache layout."""
 
     type_k: str
     type_v: str
     bytes_per_token: int
-    capacity_tokens: int | None
-    capacity_bytes: int | None
+    capacity: KvCapacity | None  # None where the cache layout (unified or not) is unknown
     weight_bytes_per_token: int  # what generating one token reads, for the speed ceiling
 
 
@@ -65,7 +74,11 @@ def model_facts(
     argv: list[str] | None,
     environ: dict[str, str] | None,
 ) -> ModelFacts:
-    """Raises FactsError with one of KV_REASONS."""
+    """The one mapping from a served model and its server's options to its KV cache.
+
+    /metrics, `bench` and the tests that compare with llama-server's own log all use it.
+    Raises FactsError with one of KV_REASONS.
+    """
     path = overrides.model_path or Path(info.model_path)
     try:
         meta = read_model_meta(path)
@@ -117,7 +130,6 @@ def model_facts(
         type_k=type_k,
         type_v=type_v,
         bytes_per_token=per_token,
-        capacity_tokens=cap.cells if cap else None,
-        capacity_bytes=cap.total_bytes if cap else None,
+        capacity=cap,
         weight_bytes_per_token=bytes_read_per_token(meta),
     )

@@ -128,10 +128,6 @@ class TensorInfo:
         row = self.shape[0] if self.shape else 1
         return self.ggml_type.row_bytes(row) * math.prod(self.shape[1:])
 
-    @property
-    def type_name(self) -> str:
-        return self.ggml_type.name
-
 
 @dataclass(frozen=True)
 class ModelMeta:
@@ -147,27 +143,12 @@ class ModelMeta:
     data_offset: int = 0
     file_size: int = 0
 
-    @classmethod
-    def from_metadata(
-        cls, metadata: Mapping[str, MetaValue], tensors: Sequence[TensorInfo] = ()
-    ) -> ModelMeta:
-        """Metadata that did not come from a file (tests, or a header read elsewhere)."""
-        arch = metadata.get("general.architecture")
-        if not isinstance(arch, str) or not arch:
-            raise ValueError("metadata needs a non-empty string general.architecture")
-        return cls(arch, MappingProxyType(dict(metadata)), tuple(tensors))
-
     def get(self, key: str, default: MetaValue | None = None) -> MetaValue | None:
         return self.metadata.get(key, default)
 
     def arch_key(self, suffix: str) -> str:
         """The full name of an architecture-scoped key, e.g. `llama.block_count`."""
         return f"{self.architecture}.{suffix}"
-
-    @property
-    def tensor_bytes(self) -> int:
-        """Bytes of all tensor data (what the weights weigh, without alignment padding)."""
-        return sum(t.n_bytes for t in self.tensors)
 
 
 def read_model_meta(path: Path) -> ModelMeta:

@@ -6,11 +6,9 @@ llama-server exposes none of these over HTTP, so a colocated exporter reads
 
 * every option can also come from a `LLAMA_ARG_*` variable; the command line beats it;
 * a repeated option keeps its last value;
-* `--long_option` is the same as `--long-option`;
 * `-np -1` (the server's default) means 4 slots with a unified cache, whatever `-kvu` says.
 
-llama-server itself rejects `--option=value`; it is accepted here anyway, because a command line
-it rejected never becomes a running server, and tools that build command lines sometimes use it.
+The command line is read by `exporter.llama.argv`, as every llama-server command line is.
 """
 
 from __future__ import annotations
@@ -23,11 +21,9 @@ from exporter.kv.cache import (
     DEFAULT_CACHE_TYPE,
     DEFAULT_N_BATCH,
     DEFAULT_N_UBATCH,
-    KvCapacity,
-    KvGeometry,
     cache_type,
-    capacity,
 )
+from exporter.llama.argv import ArgvError, find_options
 
 # tools/server/server.cpp: what `-np -1` (auto) resolves to.
 AUTO_PARALLEL_SLOTS: Final = 4
@@ -65,55 +61,18 @@ class KvServerArgs:
             return self.n_parallel * self.kv_unified_per_slot
         return self.ctx_size
 
-    def capacity(self, geometry: KvGeometry) -> KvCapacity:
-        """The cache this server allocates for a model of `geometry`."""
-        return capacity(
-            geometry,
-            n_ctx=self.effective_ctx_size,
-            n_seq=self.n_parallel,
-            unified=self.kv_unified,
-            type_k=self.type_k,
-            type_v=self.type_v,
-            swa_full=self.swa_full,
-            n_batch=self.n_batch,
-            n_ubatch=self.n_ubatch,
-            flash_attn=self.flash_attn != "off",
-        )
-
-
-def cache_types(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, str]:
-    """The K and V cache types (`-ctk`, `-ctv`, `LLAMA_ARG_CACHE_TYPE_K/V`; default f16)."""
-    args = server_kv_args(argv, environ)
-    return args.type_k, args.type_v
-
 
 def server_kv_args(argv: Sequence[str], environ: Mapping[str, str]) -> KvServerArgs:
-    """Parse llama-server's argv (program name optional) and environment.
-
-    Options that do not affect the KV cache are ignored, token by token: their values are
-    skipped as well, unless a value is spelled exactly like one of the options read here
-    (`--alias -c`), which no real command line does.
-    """
+    """Parse llama-server's argv (program name optional) and environment."""
     state = _State()
     for env_option in _OPTIONS:
         env_option.apply_env(state, environ)
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        name, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        if name.startswith("--"):
-            name = name.replace("_", "-")
-        option = _BY_FLAG.get(name)
-        if option is None:
-            continue
-        value: str | None = inline if eq else None
-        if option.takes_value and not eq:
-            if i >= len(argv):
-                raise ServerArgsError(f"{name} needs a value")
-            value = argv[i]
-            i += 1
-        option.apply(state, name, value)
+    try:
+        options = list(find_options(argv, _TAKES_VALUE))
+    except ArgvError as exc:
+        raise ServerArgsError(str(exc)) from None
+    for option in options:
+        _BY_FLAG[option.name].apply(state, option.name, option.value)
     return state.resolve()
 
 
@@ -269,3 +228,4 @@ _OPTIONS: Final = (
     ),
 )
 _BY_FLAG: Final = {flag: option for option in _OPTIONS for flag in option.flags}
+_TAKES_VALUE: Final = {flag: option.takes_value for flag, option in _BY_FLAG.items()}

@@ -16,7 +16,6 @@ from exporter.llama.client import BAD_RESPONSE, NOT_SUPPORTED, LlamaClient, Serv
 
 @dataclass(frozen=True)
 class Activity:
-    source: str  # "slots" or "metrics"
     processing: int  # requests being processed, the probe's own included
     deferred: int  # requests queued for a slot (known only from /metrics)
     busy_slots: frozenset[int] | None  # which slots, when /slots says
@@ -55,7 +54,7 @@ def parse_slots(data: Any) -> Activity:
         held = sum(int(s.get("n_prompt_tokens", 0)) for s in data)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ServerError(BAD_RESPONSE, "/slots entries lack id or is_processing") from None
-    return Activity("slots", len(busy), 0, busy, tasks, held)
+    return Activity(len(busy), 0, busy, tasks, held)
 
 
 def parse_metrics(text: str) -> Activity:
@@ -70,7 +69,6 @@ def parse_metrics(text: str) -> Activity:
     if "llamacpp:requests_processing" not in values:
         raise ServerError(BAD_RESPONSE, "/metrics lacks llamacpp:requests_processing")
     return Activity(
-        "metrics",
         int(values["llamacpp:requests_processing"]),
         int(values.get("llamacpp:requests_deferred", 0)),
         None,

@@ -61,7 +61,6 @@ class Timings:
 class Completion:
     timings: Timings
     first_chunk_seconds: float  # client-measured: request sent -> first streamed token
-    total_seconds: float
 
 
 def _error_from_response(status: int, body: bytes) -> ServerError:
@@ -162,10 +161,10 @@ class LlamaClient:
             raise ServerError(TIMEOUT, f"completion timed out after {timeout:g} s") from None
         except httpx.HTTPError as exc:
             raise ServerError(CONNECT, f"completion: {type(exc).__name__}") from None
-        if final is None or "timings" not in final:
+        # The final chunk is a chunk too: `first` is set whenever `final` is.
+        if final is None or first is None or "timings" not in final:
             raise ServerError(BAD_RESPONSE, "stream ended without a final chunk with timings")
-        total = self._clock() - started
-        return Completion(Timings.parse(final["timings"]), first or total, total)
+        return Completion(Timings.parse(final["timings"]), first)
 
 
 async def _sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

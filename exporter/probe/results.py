@@ -47,7 +47,7 @@ class Sample:
     depth: int
     tokens: int  # prompt tokens decoded, or generation steps (predicted_n - 1)
     seconds: float
-    time_to_first_token: float | None  # client-measured, prompt samples only
+    time_to_first_token_seconds: float | None  # client-measured, prompt samples only
     timings: Timings
     # GPU energy counters' increase over the request, summed over all GPUs; None without NVML.
     energy_joules: float | None = None
@@ -133,6 +133,6 @@ def round_figures(samples: tuple[Sample, ...]) -> dict[tuple[int, Kind], Figure]
         f.seconds += s.seconds
         if s.energy_joules is not None:
             f.energy_joules = (f.energy_joules or 0.0) + s.energy_joules
-        if s.time_to_first_token is not None:
-            f.ttfts.append(s.time_to_first_token)
+        if s.time_to_first_token_seconds is not None:
+            f.ttfts.append(s.time_to_first_token_seconds)
     return figures

@@ -21,11 +21,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.config import ProbePlan
 from exporter.llama.activity import Activity, ActivityReader, parse_slots
 from exporter.llama.client import TIMEOUT, Completion, LlamaClient, ServerError
 from exporter.llama.discovery import ServerInfo, discover
-from exporter.probe.budget import DutyBudget
+from exporter.probe.plan import MeasurePlan
 from exporter.probe.results import (
     DISCARD_OVERLAP,
     INVALID_CACHE_N,
@@ -35,7 +34,6 @@ from exporter.probe.results import (
     SKIP_BUSY,
     SKIP_BUSY_UNKNOWN,
     SKIP_DEPTH_EXCEEDS_CONTEXT,
-    SKIP_DUTY_BUDGET,
     SKIP_SLEEPING,
     SLOT_OUT_OF_RANGE,
     Kind,
@@ -81,7 +79,7 @@ class ProbeRunner:
         self,
         target: str,
         client: LlamaClient,
-        plan: ProbePlan,
+        plan: MeasurePlan,
         *,
         overlap_poll_interval: float = 0.5,
         rng: random.Random | None = None,
@@ -94,7 +92,6 @@ class ProbeRunner:
         self.plan = plan
         self._client = client
         self._activity = ActivityReader(client)
-        self._budget = DutyBudget(plan.duty_budget, max(3600.0, plan.interval))
         self._poll = overlap_poll_interval
         self._rng = rng or random.Random()
         self._clock = clock
@@ -102,14 +99,10 @@ class ProbeRunner:
         self._energy = energy
         self._on_sample = on_sample
         self.last_server: ServerInfo | None = None
-        self._last_duration = 0.0  # what the next round is expected to take
         # The token the probe slot holds right after the depth prefix. The next request's first
         # fresh token must differ from it, or the server would reuse one token more than the
         # prefix and decode one fewer: a tiny vocabulary makes that collision common.
         self._after_prefix: int | None = None
-
-    def duty_ratio(self) -> float:
-        return self._budget.used(self._clock())
 
     async def refresh(self) -> ServerInfo:
         """Read /props and /v1/models; raises ServerError."""
@@ -128,20 +121,10 @@ class ProbeRunner:
         except ServerError:
             return None
 
-    async def run_round(
-        self, *, ignore_budget: bool = False, kinds: tuple[Kind, ...] = KINDS
-    ) -> RoundResult:
-        """One round of the plan; `kinds` narrows it to PP or TG only (bench's size sweeps)."""
+    async def run_round(self) -> RoundResult:
+        """One round of the plan. Whether one may run now is the scheduler's question."""
         started_wall, started = self._wall(), self._clock()
-        if not ignore_budget and not self._budget.allows(started, self._last_duration):
-            return RoundResult(
-                self.target,
-                started_wall,
-                0.0,
-                None,
-                skips=(SKIP_DUTY_BUDGET,),
-                detail=f"probes used {self.duty_ratio():.1%} of the last hour",
-            )
+        kinds = self.plan.kinds
         logs: dict[Kind, _KindLog] = {k: _KindLog() for k in KINDS}
         skips: list[str] = []
         info: ServerInfo | None = None
@@ -164,10 +147,6 @@ class ProbeRunner:
             server_error = exc.reason if info is None else None
             self._fail_all(logs, exc.reason, kinds)
         duration = self._clock() - started
-        self._budget.record(self._clock(), duration)
-        if any(log.attempted for log in logs.values()):
-            # A round that measured is what the next one will cost; a skipped one is not.
-            self._last_duration = duration
         return RoundResult(
             self.target,
             started_wall,
@@ -219,10 +198,11 @@ class ProbeRunner:
         detail = ""
         at_risk: Kind = "prompt"  # the kind whose sample an overlap would spoil
         try:
-            if self.plan.warmup and n_prompt + 2 < info.ctx:
+            warm_prompt = max(n_prompt, 1)  # a TG-only plan still warms the generation path
+            if self.plan.warmup and warm_prompt + 2 < info.ctx:
                 # Like llama-bench's warm-up run: the first request after a pause pays for cold
                 # caches and clocks, which is noise, not the server's speed.
-                await self._unmeasured(self._fresh(info, n_prompt), 2, slot, info)
+                await self._unmeasured(self._fresh(info, warm_prompt), 2, slot, info)
             for depth in self.plan.depths:
                 if not fits_in_context(depth, n_prompt, n_gen, info.ctx):
                     skips.append(SKIP_DEPTH_EXCEEDS_CONTEXT)
@@ -243,7 +223,7 @@ class ProbeRunner:
                         began = self._clock()
                         joules_before = self._energy()
                         try:
-                            sample = await self._sample(kind, info, prefix, slot)
+                            sample = await self._sample(kind, info, depth, prefix, slot)
                             sample = self._with_energy(sample, joules_before)
                             log.samples.append(sample)
                             self._on_sample(sample)
@@ -273,8 +253,9 @@ class ProbeRunner:
         body = self._body(tokens, n_predict, cache=False, slot=slot)
         await self._guarded(self._client.complete(body, self.plan.timeout), slot, info)
 
-    async def _sample(self, kind: Kind, info: ServerInfo, prefix: list[int], slot: int) -> Sample:
-        depth = len(prefix)
+    async def _sample(
+        self, kind: Kind, info: ServerInfo, depth: int, prefix: list[int], slot: int
+    ) -> Sample:
         cache = depth > 0
         if kind == "prompt":
             n = self.plan.prompt_tokens

@@ -132,7 +132,8 @@ DUTY_RATIO = Metric(
     "llama_speed_probe_duty_ratio",
     "gauge",
     ("target",),
-    "Share of the trailing hour spent probing this target.",
+    "Share of wall time spent probing this target over the trailing hour, or over one probe "
+    "interval where that is longer.",
 )
 DUTY_BUDGET = Metric(
     "llama_speed_probe_duty_budget_ratio",
@@ -303,6 +304,21 @@ GPU_PROCESS_MEMORY = Metric(
     "is not on this host or not visible (see the exporter's log).",
 )
 
+# The web config file's reloads (exporter/web/webconfig.py); served only with --web.config.file.
+WEB_CONFIG_RELOAD_SUCCESS = Metric(
+    "llama_speed_web_config_reload_success",
+    "gauge",
+    (),
+    "1 if the last load of the web config file (--web.config.file) succeeded, 0 if it failed "
+    "and the one before is still in force.",
+)
+LAST_WEB_CONFIG_RELOAD_SUCCESS = Metric(
+    "llama_speed_web_config_last_reload_success_timestamp_seconds",
+    "gauge",
+    (),
+    "Unix time of the last successful load of the web config file.",
+)
+
 GPU_METRICS: Final[tuple[Metric, ...]] = (
     GPU_UP, GPU_ERRORS, GPU_INFO,
     GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION, GPU_POWER, GPU_ENERGY, GPU_TEMPERATURE,
@@ -320,4 +336,5 @@ CATALOGUE: Final[tuple[Metric, ...]] = (
     KV_BYTES_PER_TOKEN, KV_CAPACITY_TOKENS, KV_CAPACITY_BYTES, KV_USED_TOKENS, KV_ERRORS,
     GENERATION_CEILING,
     *GPU_METRICS,
+    WEB_CONFIG_RELOAD_SUCCESS, LAST_WEB_CONFIG_RELOAD_SUCCESS,
 )  # fmt: skip

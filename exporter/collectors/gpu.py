@@ -9,14 +9,12 @@ what went wrong instead.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.core import Metric as Family
 
-from exporter.ceiling import GpuShare, generation_ceiling
-from exporter.gpu.nvml import REASONS, GpuReading, GpuSample, GpuUnavailable, Nvml, Reason
-from exporter.metrics import (
+from exporter.collectors.catalogue import (
     GENERATION_CEILING,
     GPU_ENERGY,
     GPU_ERRORS,
@@ -30,6 +28,9 @@ from exporter.metrics import (
     GPU_UP,
     GPU_UTILIZATION,
 )
+from exporter.gpu.nvml import REASONS, GpuReading, GpuSample, GpuUnavailable, Nvml, Reason
+from exporter.kv.ceiling import GpuShare, generation_ceiling
+from exporter.state.store import TargetState
 
 __all__ = ["GPU_METRICS", "GpuCollector"]
 
@@ -39,20 +40,14 @@ _Family = GaugeMetricFamily | CounterMetricFamily
 class GpuCollector:
     """`target_pids` maps each target's name to its llama-server's pid, None when not found."""
 
-    def __init__(
-        self,
-        nvml: Nvml,
-        target_pids: Callable[[], Mapping[str, int | None]],
-        weight_bytes: Callable[[], Mapping[str, tuple[str, int]]] = dict,
-    ) -> None:
+    def __init__(self, nvml: Nvml, target_pids: Callable[[], Mapping[str, int | None]]) -> None:
         self._nvml = nvml
         self._target_pids = target_pids
-        self._weight_bytes = weight_bytes  # target -> (model, weight bytes read per token)
         # Every reason from the start, at 0: rate() needs the series before its first failure.
         self._errors: dict[Reason, int] = dict.fromkeys(REASONS, 0)
         self._errors_lock = threading.Lock()  # concurrent scrapes both count
 
-    def collect(self) -> Iterable[Family]:
+    def collect(self, targets: Sequence[TargetState]) -> Iterable[Family]:
         up = GPU_UP.family()
         try:
             reading = self._nvml.read()
@@ -62,7 +57,7 @@ class GpuCollector:
             yield from (up, self._count([exc.reason]))
             return
         up.add_metric([], 1.0)
-        families = self._render(reading)
+        families = self._render(reading, targets)
         yield from (up, self._count(e.reason for e in reading.errors), *families)
 
     def _count(self, reasons: Iterable[Reason]) -> Family:
@@ -75,7 +70,7 @@ class GpuCollector:
             family.add_metric([reason], float(count))
         return family
 
-    def _render(self, reading: GpuReading) -> list[Family]:
+    def _render(self, reading: GpuReading, targets: Sequence[TargetState]) -> list[Family]:
         info = GPU_INFO.family()
         per_gpu: list[tuple[_Family, Callable[[GpuSample], float | None]]] = [
             (GPU_MEMORY_USED.family(), lambda g: g.memory_used_bytes),
@@ -94,7 +89,7 @@ class GpuCollector:
                 if value is not None:  # unsupported or failed: omitted, never a sentinel
                     family.add_metric(labels, float(value))
         process, ceiling = GPU_PROCESS_MEMORY.family(), GENERATION_CEILING.family()
-        weights = self._weight_bytes()
+        weights = _weight_bytes(targets)
         for target, pid in sorted(self._target_pids().items()):
             if pid is None:
                 continue
@@ -116,3 +111,12 @@ class GpuCollector:
                 if bound is not None:
                     ceiling.add_metric([target, model], bound)
         return [info, *(family for family, _ in per_gpu), process, ceiling]
+
+
+def _weight_bytes(targets: Sequence[TargetState]) -> dict[str, tuple[str, int]]:
+    """Per target that is up: its model and the weight bytes one generated token reads."""
+    return {
+        t.name: (t.server.model, t.model_facts.weight_bytes_per_token)
+        for t in targets
+        if t.up and t.server is not None and t.model_facts is not None
+    }

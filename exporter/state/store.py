@@ -24,7 +24,6 @@ class KindState:
     failures: Counter[str] = field(default_factory=Counter)
     discards: Counter[str] = field(default_factory=Counter)
     success: bool | None = None  # None until a probe of this kind has finished
-    last_failure: str | None = None
     duration: float | None = None
     last_success_time: float | None = None
 
@@ -53,7 +52,6 @@ class TargetState:
     series: dict[int, SeriesState] = field(default_factory=dict)  # by depth
     kinds: dict[Kind, KindState] = field(default_factory=lambda: {k: KindState() for k in KINDS})
     skips: Counter[str] = field(default_factory=Counter)
-    rounds: int = 0
     duty_ratio: float = 0.0
     last_round: RoundResult | None = None
     model_facts: ModelFacts | None = None  # for the server last seen
@@ -101,7 +99,6 @@ class Store:
             state = self._targets[result.target]
             if result.server is not None or result.server_error is not None:
                 self._apply_discovery(state, result.server, result.server_error)
-            state.rounds += 1
             state.last_round = result
             for reason in result.skips:
                 state.skips[reason] += 1
@@ -114,7 +111,6 @@ class Store:
                 if outcome.failure is not None:
                     ks.failures[outcome.failure] += 1
                     ks.success = False
-                    ks.last_failure = outcome.failure
                 elif outcome.samples:
                     ks.success = True
                     ks.last_success_time = result.started_at + result.duration

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import structlog
 
-from exporter.config import Target
-from exporter.gpu.process import PROC, ProcessLookup, find_server_pid
+from exporter.config.resolved import Target
+from exporter.host.address import local_port
+from exporter.host.proc import PROC, ProcessLookup, find_server_pid
 
 log = structlog.get_logger(__name__)
-
-_LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}  # noqa: S104 - names, not binds
-
-
-def is_this_host(hostname: str) -> bool:
-    """A port lookup is only meaningful for a server on this machine."""
-    return hostname in _LOOPBACK or hostname.startswith("127.") or hostname in {
-        socket.gethostname(), socket.getfqdn(),
-    }  # fmt: skip
 
 
 class TargetProcesses:
@@ -76,11 +66,8 @@ class TargetProcesses:
         return dict(self._pids)
 
     def _lookup(self, t: Target) -> ProcessLookup:
-        parts = urlsplit(t.url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        local = is_this_host(parts.hostname or "")
         return find_server_pid(
-            port=port if local else None,
+            port=local_port(t.url),
             pid_file=t.pid_file,
             name=t.process_name,
             proc_root=self._proc,

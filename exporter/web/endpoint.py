@@ -18,7 +18,7 @@ import structlog
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from exporter import __version__
-from exporter.state import TargetState
+from exporter.state.store import TargetState
 
 log = structlog.get_logger(__name__)
 

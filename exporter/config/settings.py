@@ -1,8 +1,12 @@
 """Settings: command-line flags over `LLAMA_SPEED_*` environment variables over a config file.
 
 pydantic-settings does the layering (see `Settings.settings_customise_sources`); `load_config`
-then resolves the layered settings into immutable `Config`/`Target` objects that the rest of
-the exporter uses, and turns every problem into one `ConfigError` naming the key.
+then resolves the layered settings into the immutable `Config` and `Target` the rest of the
+exporter uses, and turns every problem into one `ConfigError` naming the key.
+
+The probe settings are declared once, in `MeasurePlan` (what a round measures) and `Schedule`
+(when rounds run); the `probe` section of the file, its flags and variables are derived from
+them, every field optional so that a target's section overrides only what it names.
 """
 
 from __future__ import annotations
@@ -10,13 +14,21 @@ from __future__ import annotations
 import contextvars
 import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -25,85 +37,51 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from exporter.config.errors import ConfigError
+from exporter.config.resolved import Config, Target
+from exporter.host.address import port_of
+from exporter.kv.facts import KvOverrides
+from exporter.probe.plan import MeasurePlan, split_list
+from exporter.schedule.plan import Schedule
+
 ENV_PREFIX = "LLAMA_SPEED_"
 DEFAULT_TARGET_URL = "http://127.0.0.1:8080"
 # 18088 lies outside the 9100-10xxx block of Prometheus' default port allocations.
 DEFAULT_LISTEN_ADDRESS = ":18088"
-
-
-class ConfigError(Exception):
-    """A configuration problem, reported as one line naming the key."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
-        self.key = key
-        self.problem = problem
-
-
-def _split_list(value: Any) -> Any:
-    """Lists from the environment or a flag may be written `a,b,c` as well as JSON."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            return yaml.safe_load(text)
-        return [part.strip() for part in text.split(",") if part.strip()]
-    return value
+# The plan models whose fields make up a `probe` section, in the order flags list them.
+PROBE_MODELS: tuple[type[BaseModel], ...] = (Schedule, MeasurePlan)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ProbePlanFields(_Strict):
-    """Every field of a probe plan, all optional: the global plan and each target's overrides."""
+def _optional(field: FieldInfo) -> tuple[Any, FieldInfo]:
+    """The same field with every bound and validator, but None by default: 'not set here'."""
+    inner: Any = field.annotation
+    if field.metadata:
+        inner = Annotated[(inner, *field.metadata)]
+    annotation: Any = inner | None
+    if NoDecode in field.metadata:
+        annotation = Annotated[annotation, NoDecode]  # pydantic-settings looks on the field
+    # Field() is typed as returning its default, for class bodies; here it is the FieldInfo.
+    optional = cast(FieldInfo, Field(None, description=field.description))
+    return annotation, optional
 
-    interval: float | None = Field(None, gt=0, description="seconds between probe rounds")
-    timeout: float | None = Field(None, gt=0, description="seconds one probe round may take")
-    jitter: float | None = Field(None, ge=0, description="random delay added to each round, s")
-    discovery_interval: float | None = Field(None, gt=0, description="seconds between /props reads")
-    prompt_tokens: int | None = Field(None, ge=1, description="fresh prompt tokens per PP sample")
-    generation_tokens: int | None = Field(None, ge=2, description="tokens generated per TG sample")
-    depths: Annotated[list[int] | None, NoDecode] = Field(None, description="context depths")
-    repetitions: int | None = Field(None, ge=1, description="samples per depth and round")
-    slot: int | None = Field(None, ge=0, description="slot id; default the highest-numbered")
-    duty_budget: float | None = Field(None, gt=0, le=1, description="max share of wall time")
-    warmup: bool | None = Field(
-        None, description="send one unmeasured request before each round, as llama-bench does"
+
+def _probe_fields_model() -> type[BaseModel]:
+    fields = {
+        name: _optional(info) for model in PROBE_MODELS for name, info in model.model_fields.items()
+    }
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        "ProbeFields", __config__=ConfigDict(extra="forbid", frozen=True), **fields
     )
-    require_busy_check: bool | None = Field(
-        None, description="skip probes when busyness cannot be read (no /slots, no /metrics)"
-    )
-
-    _split_depths = field_validator("depths", mode="before")(_split_list)
-
-    @field_validator("depths")
-    @classmethod
-    def _depths_valid(cls, value: list[int] | None) -> list[int] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("must list at least one depth")
-        if any(d < 0 for d in value):
-            raise ValueError("depths must be 0 or more tokens")
-        return sorted(set(value))
 
 
-PLAN_DEFAULTS: dict[str, Any] = {
-    # A round of the defaults on a 22 t/s server (warm-up, 3 x pp512 + tg128) takes about 20 s:
-    # every 20 minutes that is 1.7% of wall time, inside the 2% duty budget.
-    "interval": 1200.0,
-    "timeout": 120.0,
-    "jitter": 10.0,
-    "discovery_interval": 30.0,
-    "prompt_tokens": 512,
-    "generation_tokens": 128,
-    "depths": [0],
-    "repetitions": 3,
-    "slot": None,
-    "duty_budget": 0.02,
-    "warmup": True,
-    "require_busy_check": True,
-}
+if TYPE_CHECKING:
+    ProbeFields = BaseModel
+else:
+    ProbeFields = _probe_fields_model()
 
 
 class TargetFields(_Strict):
@@ -122,23 +100,29 @@ class TargetFields(_Strict):
     cache_type_k: str | None = None
     cache_type_v: str | None = None
     kv_unified: bool | None = None
-    probe: ProbePlanFields = ProbePlanFields()
+    probe: ProbeFields = Field(default_factory=ProbeFields)
 
 
 class CollectorFields(_Strict):
-    gpu: bool = True
+    gpu: bool = Field(True, description="read GPUs through NVML: true or false")
 
 
 class WebFields(_Strict):
-    listen_address: str = DEFAULT_LISTEN_ADDRESS
-    telemetry_path: str = "/metrics"
-    # exporter-toolkit's web config (TLS, basic auth): read and watched by exporter.webconfig.
-    config_file: Path | None = None
+    listen_address: str = Field(DEFAULT_LISTEN_ADDRESS, description="address to serve metrics on")
+    telemetry_path: str = Field("/metrics", description="path of the metrics endpoint")
+    # exporter-toolkit's web config (TLS, basic auth): read and watched by exporter.web.
+    config_file: Path | None = Field(
+        None,
+        description="web config file: TLS and basic auth (default: plain HTTP, no auth)",
+        json_schema_extra={"flag": "--web.config.file"},
+    )
 
 
 class LogFields(_Strict):
-    format: Literal["json", "console"] = "console"
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = Field("console", description="json or console")
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error"
+    )
 
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -187,16 +171,20 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    target: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    api_key: SecretStr | None = None
-    api_key_file: Path | None = None
-    targets: list[TargetFields] = Field(default_factory=list)
-    probe: ProbePlanFields = ProbePlanFields()
+    target: Annotated[list[str], NoDecode, BeforeValidator(split_list)] = Field(
+        default_factory=list,
+        description=f"llama-server URL to probe (repeatable; default {DEFAULT_TARGET_URL})",
+        json_schema_extra={"repeatable": True},
+    )
+    api_key: SecretStr | None = Field(None, json_schema_extra={"flag": None})
+    api_key_file: Path | None = Field(
+        None, description="file holding the API key for --target servers"
+    )
+    targets: list[TargetFields] = Field(default_factory=list, json_schema_extra={"flag": None})
     web: WebFields = WebFields()
-    log: LogFields = LogFields()
+    probe: ProbeFields = Field(default_factory=ProbeFields)
     collector: CollectorFields = CollectorFields()
-
-    _split_target = field_validator("target", mode="before")(_split_list)
+    log: LogFields = LogFields()
 
     @classmethod
     def settings_customise_sources(
@@ -211,74 +199,36 @@ class Settings(BaseSettings):
         return init_settings, env_settings, _ConfigFileSource(settings_cls)
 
 
-@dataclass(frozen=True)
-class ProbePlan:
-    interval: float
-    timeout: float
-    jitter: float
-    discovery_interval: float
-    prompt_tokens: int
-    generation_tokens: int
-    depths: tuple[int, ...]
-    repetitions: int
-    slot: int | None
-    duty_budget: float
-    warmup: bool
-    require_busy_check: bool
+def _error_key(prefix: str, error: Any) -> str:
+    return ".".join([prefix, *(str(part) for part in error["loc"])])
 
 
-@dataclass(frozen=True)
-class KvOverrides:
-    """What the config file says about a target's KV cache; it beats the process's options."""
-
-    model_path: Path | None = None
-    cache_type_k: str | None = None
-    cache_type_v: str | None = None
-    kv_unified: bool | None = None
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    url: str
-    api_key: SecretStr | None = field(default=None, repr=False)
-    plan: ProbePlan = field(default_factory=lambda: resolve_plan([]))
-    pid_file: Path | None = None
-    process_name: str | None = None
-    kv: KvOverrides = field(default_factory=KvOverrides)
-
-
-@dataclass(frozen=True)
-class Config:
-    targets: tuple[Target, ...]
-    listen_address: str
-    telemetry_path: str
-    log_format: str
-    log_level: str
-    gpu: bool = True
-    web_config_file: Path | None = None
-
-
-def resolve_plan(layers: list[ProbePlanFields], key: str = "probe") -> ProbePlan:
-    values = dict(PLAN_DEFAULTS)
+def resolve_probe(layers: Sequence[BaseModel], key: str = "probe") -> tuple[MeasurePlan, Schedule]:
+    """The plan and schedule of `layers` (the global section, then a target's) over defaults."""
+    values: dict[str, Any] = {}
     for layer in layers:
-        values.update(layer.model_dump(exclude_none=True, exclude_unset=True))
-    plan = ProbePlan(**{**values, "depths": tuple(values["depths"])})
+        values.update(layer.model_dump(exclude_none=True))
+    try:
+        schedule = Schedule(**{k: v for k, v in values.items() if k in Schedule.model_fields})
+        plan = MeasurePlan(**{k: v for k, v in values.items() if k in MeasurePlan.model_fields})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise ConfigError(_error_key(key, error), _message(error)) from None
     # Jitter delays a round by up to `jitter` s past its slot, so the next round may come
     # interval - jitter after it: a round must end by then, or two would run at once.
-    if plan.interval <= plan.timeout + plan.jitter:
+    if schedule.interval <= plan.timeout + schedule.jitter:
         raise ConfigError(
             f"{key}.interval",
-            f"{plan.interval:g} s must be longer than the probe timeout plus jitter "
-            f"({plan.timeout:g} s + {plan.jitter:g} s)",
+            f"{schedule.interval:g} s must be longer than the probe timeout plus jitter "
+            f"({plan.timeout:g} s + {schedule.jitter:g} s)",
         )
-    if plan.discovery_interval > plan.interval:
+    if schedule.discovery_interval > schedule.interval:
         raise ConfigError(
             f"{key}.discovery_interval",
-            f"{plan.discovery_interval:g} s must not exceed the probe interval "
-            f"({plan.interval:g} s)",
+            f"{schedule.discovery_interval:g} s must not exceed the probe interval "
+            f"({schedule.interval:g} s)",
         )
-    return plan
+    return plan, schedule
 
 
 def _check_url(url: str, key: str) -> str:
@@ -293,9 +243,7 @@ def _check_url(url: str, key: str) -> str:
 
 
 def default_target_name(url: str) -> str:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.hostname}:{port}"
+    return f"{urlsplit(url).hostname}:{port_of(url)}"
 
 
 def _read_key_file(path: Path, key: str) -> SecretStr:
@@ -348,17 +296,18 @@ def resolve(settings: Settings) -> Config:
     else:
         fields, keys = [TargetFields(url=DEFAULT_TARGET_URL)], ["target.0"]
 
-    resolve_plan([settings.probe])  # a fault in the shared plan is named there, not per target
+    resolve_probe([settings.probe])  # a fault in the shared plan is named there, not per target
     targets: list[Target] = []
     for t, key in zip(fields, keys, strict=True):
         url = _check_url(t.url, f"{key}.url" if key.startswith("targets") else key)
-        plan = resolve_plan([settings.probe, t.probe], f"{key}.probe")
+        plan, schedule = resolve_probe([settings.probe, t.probe], f"{key}.probe")
         targets.append(
             Target(
                 name=t.name or default_target_name(url),
                 url=url,
                 api_key=_resolve_key(t, settings, key),
                 plan=plan,
+                schedule=schedule,
                 pid_file=t.pid_file,
                 process_name=t.process_name,
                 kv=KvOverrides(t.model_path, t.cache_type_k, t.cache_type_v, t.kv_unified),
@@ -397,15 +346,13 @@ def _check_listen_address(address: str) -> None:
         raise ConfigError("web.listen_address", str(exc)) from exc
 
 
-def _describe(error: Any) -> str:
-    loc = ".".join(str(part) for part in error["loc"])
+def _message(error: Any) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
-        return f"{loc}: unknown key"
+        return "unknown key"
     if kind == "missing":
-        return f"{loc}: required key is missing"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{loc}: {message}" if loc else message
+        return "required key is missing"
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def load_config(overrides: dict[str, Any], config_file: Path | None) -> Config:
@@ -415,10 +362,9 @@ def load_config(overrides: dict[str, Any], config_file: Path | None) -> Config:
         settings = Settings(**overrides)
     except ValidationError as exc:
         errors = exc.errors()
-        first = _describe(errors[0])
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        key, _, problem = first.partition(": ")
-        raise ConfigError(key, problem + more) from None
+        loc = ".".join(str(part) for part in errors[0]["loc"])
+        raise ConfigError(loc, _message(errors[0]) + more) from None
     except ValueError as exc:  # pydantic-settings' own parse errors (e.g. bad JSON in env)
         raise ConfigError("environment", str(exc).splitlines()[0]) from None
     finally:

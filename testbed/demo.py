@@ -1,6 +1,6 @@
 """The demo: a real llama-server on a generated tiny model, and the exporter probing it.
 
-Run by `scripts/demo.sh`, or `python -m exporter.demo` where the `demo` extra is installed.
+Run by `scripts/demo.sh`, or `python -m testbed.demo` where the `demo` extra is installed.
 Everything is real except the model, whose weights are random: the speeds are genuine
 measurements of llama.cpp on this machine, the text it generates is noise.
 """
@@ -11,22 +11,24 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import structlog
 
 from exporter import log
-from exporter.config import Config, Target, resolve_plan
+from exporter.config import Config, Target
 from exporter.daemon import Daemon
-from exporter.llama.server_process import LlamaServerProcess, ServerStartError
-from exporter.llama.tiny_model import write_tiny_model
+from exporter.llama.server_process import ServerStartError
+from exporter.probe.plan import MeasurePlan
+from exporter.schedule.plan import Schedule
+from testbed.llama_server import LlamaServerProcess
+from testbed.tiny_model import write_tiny_model
 
 logger = structlog.get_logger("demo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exporter.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testbed.demo", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path(".demo"), help="model and logs")
     parser.add_argument("--listen", default="127.0.0.1:18088", help="exporter address")
     parser.add_argument("--interval", type=float, default=15.0, help="seconds between probes")
@@ -48,17 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"demo: llama-server did not start: {exc}", file=sys.stderr)
         server.stop()
         return 1
-    plan = replace(
-        resolve_plan([]),
+    plan = MeasurePlan(timeout=min(60.0, args.interval - 2), depths=(0, 2048))
+    schedule = Schedule(
         interval=args.interval,
-        timeout=min(60.0, args.interval - 2),
         jitter=1.0,
         discovery_interval=min(10.0, args.interval),
-        depths=(0, 2048),
         duty_budget=0.5,  # the demo server has no production traffic to protect
     )
-    config = Config((Target("demo", server.url, None, plan),), args.listen, "/metrics",
-                    "console", "info")  # fmt: skip
+    target = Target("demo", server.url, plan=plan, schedule=schedule)
+    config = Config((target,), args.listen, "/metrics", "console", "info")
     try:
         daemon = Daemon(config)
     except OSError as exc:

@@ -28,9 +28,9 @@ import yaml
 from prometheus_client.core import Metric as Family
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from exporter.config import ConfigError
-from exporter.metrics import Metric
-from exporter.web import StartResponse, WsgiApp
+from exporter.collectors.catalogue import LAST_WEB_CONFIG_RELOAD_SUCCESS, WEB_CONFIG_RELOAD_SUCCESS
+from exporter.config.errors import ConfigError
+from exporter.web.endpoint import StartResponse, WsgiApp
 
 log = structlog.get_logger(__name__)
 
@@ -76,20 +76,6 @@ _UNSUPPORTED: Mapping[str, str] = {
     "rate_limit": "not supported here",
 }
 _BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
-
-RELOAD_SUCCESS = Metric(
-    "llama_speed_web_config_reload_success",
-    "gauge",
-    (),
-    "1 if the last load of the web config file (--web.config.file) succeeded, 0 if it failed "
-    "and the one before is still in force.",
-)
-LAST_RELOAD_SUCCESS = Metric(
-    "llama_speed_web_config_last_reload_success_timestamp_seconds",
-    "gauge",
-    (),
-    "Unix time of the last successful load of the web config file.",
-)
 
 
 class WebConfigError(ConfigError):
@@ -401,9 +387,9 @@ class ReloadableWebConfig:
 
     def collect(self) -> Iterator[Family]:
         """Its reload metrics, for the exporter's registry."""
-        success = RELOAD_SUCCESS.family()
+        success = WEB_CONFIG_RELOAD_SUCCESS.family()
         success.add_metric([], 1.0 if self.reload_success else 0.0)
-        last = LAST_RELOAD_SUCCESS.family()
+        last = LAST_WEB_CONFIG_RELOAD_SUCCESS.family()
         last.add_metric([], self.last_success)
         yield from (success, last)
 

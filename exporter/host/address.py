@@ -1,0 +1,27 @@
+"""Where a target's URL points: its port, and whether its server runs on this host."""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
+
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}  # noqa: S104 - names, not binds
+
+
+def port_of(url: str) -> int:
+    """The URL's port, or its scheme's default."""
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def is_this_host(hostname: str) -> bool:
+    """A port lookup is only meaningful for a server on this machine."""
+    return hostname in _LOOPBACK or hostname.startswith("127.") or hostname in {
+        socket.gethostname(), socket.getfqdn(),
+    }  # fmt: skip
+
+
+def local_port(url: str) -> int | None:
+    """The port to find the server's process by, when the URL names this host; else None."""
+    hostname = urlsplit(url).hostname
+    return port_of(url) if hostname is not None and is_this_host(hostname) else None

@@ -1,0 +1,1 @@
+"""When probes run: the scheduler's jobs and the duty budget that may skip a round."""

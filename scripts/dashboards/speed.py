@@ -1,0 +1,426 @@
+"""llama-speed / Speed: PP, TG and time to first token against their baselines, and the probes'
+own health."""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders.dashboard import Dashboard, Row
+from grafana_foundation_sdk.builders.stat import Panel as Stat
+from grafana_foundation_sdk.builders.timeseries import Panel as TimeSeries
+from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+from .panels import (
+    NO_PROBE,
+    SPEED_CALCS,
+    bar_gauge,
+    dashed,
+    data_table,
+    organize,
+    prop,
+    round_points,
+    single_stat,
+    steps,
+    threshold_areas,
+    time_series,
+    transformation,
+    up_or_down,
+)
+from .queries import (
+    BY_DEPTH,
+    EXPORTER,
+    MODEL,
+    RULE,
+    SERVED,
+    TARGET,
+    counted_by_reason,
+    instant,
+    series,
+)
+from .shell import board
+
+UID = "llama-speed-speed"
+NO_BASELINE = "no baseline: needs the llama-speed recording rules and an hour of valid probes"
+BY_PROBE = "{{target}} {{probe}}"
+TTFT = "llama_speed_time_to_first_token_seconds"
+
+
+def rule(kind: str, window: str) -> str:
+    """A recording rule of deploy/prometheus/rules: kind is prompt or generation."""
+    return f"target_model_ctx_depth:llama_speed_{kind}_tokens_per_second:{window}{RULE}"
+
+
+def share_of_baseline(title: str, kind: str) -> Stat:
+    return (
+        single_stat(
+            title,
+            "Token-weighted speed over the last hour as a share of its trailing 7-day median."
+            " Red below 85%.",
+        )
+        .unit("percentunit")
+        .decimals(1)
+        .thresholds(steps("red", ("orange", 0.85), ("green", 0.95)))
+        .no_value(NO_BASELINE)
+        .with_target(
+            instant(
+                f"{rule(kind, 'rate1h')}\n/ on(target, model, ctx, depth)\n"
+                f"{rule(kind, 'baseline7d')}",
+                BY_DEPTH,
+            )
+        )
+        .span(6)
+        .height(5)
+    )
+
+
+def speed_curve(title: str, kind: str, tokens: str) -> TimeSeries:
+    return (
+        time_series(
+            title,
+            f"{tokens} tokens per second of the last valid round (points), the token-weighted"
+            " speed over the last hour (recording rule rate1h) and its trailing 7-day median"
+            " (baseline7d, dashed). A drop of the 1h line below the dashed one is a regression:"
+            " a new build, driver, quant or a hot GPU.",
+            SPEED_CALCS,
+        )
+        .unit("suffix: tok/s")
+        .min(0)
+        .thresholds(steps("green"))
+        .no_value(NO_PROBE)
+        .override_by_regexp(".*last round$", round_points())
+        .override_by_regexp(".*7d baseline$", dashed())
+        .with_target(
+            series(f"llama_speed_{kind}_tokens_per_second{SERVED}", f"{BY_DEPTH} · last round", "A")
+        )
+        .with_target(series(rule(kind, "rate1h"), f"{BY_DEPTH} · 1h", "B"))
+        .with_target(series(rule(kind, "baseline7d"), f"{BY_DEPTH} · 7d baseline", "C"))
+        .span(12)
+        .height(10)
+    )
+
+
+def now(built: Dashboard) -> Dashboard:
+    return (
+        built.with_row(Row("Now"))
+        .with_panel(share_of_baseline("PP: % of 7-day baseline", "prompt"))
+        .with_panel(share_of_baseline("TG: % of 7-day baseline", "generation"))
+        .with_panel(
+            single_stat(
+                "TTFT: % of 7-day median",
+                "Time to first token of the last round as a share of its trailing 7-day median."
+                " Above 100% is slower; red above 115%.",
+            )
+            .unit("percentunit")
+            .decimals(1)
+            .thresholds(steps("green", ("orange", 1.05), ("red", 1.15)))
+            .no_value(NO_PROBE)
+            .with_target(
+                instant(f"{TTFT}{SERVED}\n/ quantile_over_time(0.5, {TTFT}{SERVED}[7d])", BY_DEPTH)
+            )
+            .span(6)
+            .height(5)
+        )
+        .with_panel(
+            up_or_down(
+                "Probe success",
+                "Whether the last finished probe of each kind gave a valid sample.",
+                "failed",
+                "ok",
+            )
+            .no_value("no probe has finished yet for the selected targets")
+            .with_target(instant(f"llama_speed_probe_success{TARGET}", BY_PROBE))
+            .span(3)
+            .height(5)
+        )
+        .with_panel(
+            up_or_down(
+                "Server up",
+                "Whether /props and /v1/models answered at the exporter's last look.",
+                "down",
+                "up",
+            )
+            .no_value("no target: is the exporter scraped? (up{job=...})")
+            .with_target(instant(f"llama_speed_server_up{TARGET}", "{{target}}"))
+            .span(3)
+            .height(5)
+        )
+    )
+
+
+def against_baseline(built: Dashboard) -> Dashboard:
+    return (
+        built.with_row(Row("Speed against its baseline"))
+        .with_panel(speed_curve("Prompt processing (PP)", "prompt", "Fresh prompt"))
+        .with_panel(speed_curve("Token generation (TG)", "generation", "Generated"))
+        .with_panel(
+            time_series(
+                "Time to first token",
+                "Client-measured time from sending a PP probe to its first streamed token"
+                " (points), and its trailing 7-day median (dashed; computed at 1h steps).",
+                SPEED_CALCS,
+            )
+            .unit("s")
+            .min(0)
+            .thresholds(steps("green"))
+            .no_value(NO_PROBE)
+            .override_by_regexp(".*last round$", round_points())
+            .override_by_regexp(".*7d median$", dashed())
+            .with_target(series(f"{TTFT}{SERVED}", f"{BY_DEPTH} · last round", "A"))
+            .with_target(
+                series(
+                    f"quantile_over_time(0.5, {TTFT}{SERVED}[7d])", f"{BY_DEPTH} · 7d median", "B"
+                )
+                # A 7-day window at every step of the range would be a heavy query for a line
+                # that barely moves within an hour.
+                .interval("1h")
+            )
+            .span(12)
+            .height(9)
+        )
+        .with_panel(
+            time_series(
+                "Probe request time per round",
+                "Wall-clock seconds of the last round's requests of each kind: what the probes"
+                " cost the server each round.",
+            )
+            .unit("s")
+            .min(0)
+            .thresholds(steps("green"))
+            .no_value("no probe round yet for the selected targets")
+            .with_target(series(f"llama_speed_probe_duration_seconds{TARGET}", BY_PROBE))
+            .span(12)
+            .height(9)
+        )
+    )
+
+
+def probe_health(built: Dashboard) -> Dashboard:
+    failures = "llama_speed_probe_failures_total"
+    return (
+        built.with_row(Row("Probe health"))
+        .with_panel(
+            single_stat(
+                "Time since the last valid probe",
+                "time() - llama_speed_probe_last_success_timestamp_seconds. With the default"
+                " 1200 s interval, orange after two missed rounds, red after an hour.",
+            )
+            .unit("s")
+            .decimals(0)
+            .thresholds(steps("green", ("orange", 2400), ("red", 3600)))
+            .no_value("no valid probe since the exporter started")
+            .with_target(
+                instant(
+                    f"time() - llama_speed_probe_last_success_timestamp_seconds{TARGET}", BY_PROBE
+                )
+            )
+            .span(6)
+            .height(8)
+        )
+        .with_panel(
+            time_series(
+                "Probe duty against its budget",
+                "Share of the trailing hour spent probing (solid) and the configured maximum"
+                " (dashed): a round that would pass the budget is skipped (duty_budget).",
+            )
+            .unit("percentunit")
+            .min(0)
+            .thresholds(steps("green"))
+            .no_value("no duty figures for the selected targets")
+            .override_by_regexp(
+                ".* budget$",
+                dashed(
+                    prop(
+                        "color",
+                        model.FieldColor(mode=model.FieldColorModeId.FIXED, fixed_color="red"),
+                    )
+                ),
+            )
+            .with_target(series(f"llama_speed_probe_duty_ratio{TARGET}", "{{target}} used", "A"))
+            .with_target(
+                series(f"llama_speed_probe_duty_budget_ratio{TARGET}", "{{target}} budget", "B")
+            )
+            .span(9)
+            .height(8)
+        )
+        .with_panel(
+            time_series(
+                "Share of probes that failed (1h)",
+                "Failed probes over probes started in the trailing hour, by kind.",
+            )
+            .unit("percentunit")
+            .min(0)
+            .max(1)
+            .thresholds(steps("green", ("red", 0.1)))
+            .thresholds_style(threshold_areas())
+            .no_value("no probe started in the last hour")
+            .with_target(
+                series(
+                    f"sum by (target, probe) (increase({failures}{TARGET}[1h]))\n"
+                    f"/ sum by (target, probe) (increase(llama_speed_probes_total{TARGET}[1h]))",
+                    BY_PROBE,
+                )
+            )
+            .span(9)
+            .height(8)
+        )
+        .with_panel(
+            bar_gauge(
+                "Skipped rounds by reason (time range)",
+                "Rounds (or depths) not started: busy (production in flight), busy_unknown,"
+                " sleeping, duty_budget, depth_exceeds_context, in_progress. 'none' when nothing"
+                " was skipped.",
+            )
+            .unit("suffix: rounds")
+            .decimals(0)
+            .thresholds(steps("blue"))
+            .no_value("no skip counters for the selected targets")
+            .with_target(
+                instant(
+                    counted_by_reason("llama_speed_probes_skipped_total", "target", TARGET),
+                    "{{target}} {{reason}}",
+                )
+            )
+            .span(8)
+            .height(8)
+        )
+        .with_panel(
+            bar_gauge(
+                "Failed probes by reason (time range)",
+                "Probes that failed, by kind and reason (connect, timeout, unauthorized, loading,"
+                " http_error, bad_response, context_exceeded, not_supported, *_mismatch,"
+                " slot_out_of_range); docs/probes.md explains each. 'none' when nothing failed.",
+            )
+            .unit("suffix: probes")
+            .decimals(0)
+            .thresholds(steps("green", ("red", 0.5)))
+            .no_value("no failure counters for the selected targets")
+            .with_target(
+                instant(
+                    counted_by_reason(failures, "target, probe", TARGET),
+                    "{{target}} {{probe}} {{reason}}",
+                )
+            )
+            .span(8)
+            .height(8)
+        )
+        .with_panel(
+            bar_gauge(
+                "Discarded samples (time range)",
+                "Probe samples thrown away because a production request overlapped them. 'none'"
+                " when nothing was discarded.",
+            )
+            .unit("suffix: probes")
+            .decimals(0)
+            .thresholds(steps("green", ("orange", 0.5)))
+            .no_value("no discard counters for the selected targets")
+            .with_target(
+                instant(
+                    counted_by_reason(
+                        "llama_speed_probes_discarded_total", "target, probe", TARGET
+                    ),
+                    "{{target}} {{probe}} {{reason}}",
+                )
+            )
+            .span(8)
+            .height(8)
+        )
+    )
+
+
+def server_and_exporter(built: Dashboard) -> Dashboard:
+    by_model = "max by (instance, target, model)"
+    table_query = PromQueryFormat.TABLE
+    return (
+        built.with_row(Row("Server and exporter"))
+        .with_panel(
+            data_table(
+                "Server info",
+                "What each target serves now (llama_speed_server_info) with the model's size,"
+                " parameters and trained context from /v1/models, and the probe interval.",
+            )
+            .unit("none")
+            .no_value("no server answers: see Server up")
+            .override_by_name("Weights", [prop("unit", "bytes")])
+            .override_by_name("Parameters", [prop("unit", "short")])
+            .override_by_name("Trained ctx", [prop("unit", "locale")])
+            .override_by_name("Probe interval", [prop("unit", "s")])
+            .with_target(
+                instant(
+                    "max by (instance, target, model, ctx, quant, build, slots)"
+                    f" (llama_speed_server_info{SERVED})",
+                    ref="A",
+                    fmt=table_query,
+                )
+            )
+            .with_target(
+                instant(
+                    f"{by_model} (llama_speed_model_size_bytes{MODEL})", ref="B", fmt=table_query
+                )
+            )
+            .with_target(
+                instant(
+                    f"{by_model} (llama_speed_model_parameters{MODEL})", ref="C", fmt=table_query
+                )
+            )
+            .with_target(
+                instant(
+                    f"{by_model} (llama_speed_model_train_context_tokens{MODEL})",
+                    ref="D",
+                    fmt=table_query,
+                )
+            )
+            .with_target(
+                instant(
+                    f"max by (instance, target) (llama_speed_probe_interval_seconds{TARGET})",
+                    ref="E",
+                    fmt=table_query,
+                )
+            )
+            .with_transformation(transformation("merge"))
+            .with_transformation(
+                organize(
+                    [
+                        ("target", "Target"),
+                        ("model", "Model"),
+                        ("quant", "Quant"),
+                        ("ctx", "Context"),
+                        ("slots", "Slots"),
+                        ("build", "Build"),
+                        ("Value #B", "Weights"),
+                        ("Value #C", "Parameters"),
+                        ("Value #D", "Trained ctx"),
+                        ("Value #E", "Probe interval"),
+                        ("instance", "Exporter"),
+                    ],
+                    # Value #A is llama_speed_server_info's constant 1: its labels are the point.
+                    hidden=["Time", "Value #A"],
+                )
+            )
+            .span(18)
+            .height(7)
+        )
+        .with_panel(
+            up_or_down(
+                "Exporter collectors",
+                "Whether each of the exporter's collectors rendered on the last scrape.",
+                "failed",
+                "ok",
+            )
+            .no_value("no exporter answers for the selected instance")
+            .with_target(
+                instant(f"llama_speed_collector_success{EXPORTER}", "{{instance}} {{collector}}")
+            )
+            .span(6)
+            .height(7)
+        )
+    )
+
+
+def dashboard() -> Dashboard:
+    return board(
+        UID,
+        "Speed",
+        "PP, TG and time to first token per model, ctx and depth against their trailing"
+        " baselines, and the probes' own health.",
+        "now-24h",
+        (now, against_baseline, probe_health, server_and_exporter),
+    )

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import yaml
 
 from exporter import __version__, log
 from exporter.config import ENV_PREFIX, Config, ConfigError, load_config
@@ -188,6 +187,8 @@ def check_config(config: Config) -> int:
         except ConfigError as exc:
             print(f"{PROG}: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+    import yaml  # noqa: PLC0415 - only here: see exporter.config.settings
+
     print(yaml.safe_dump(resolved_view(config), sort_keys=False), end="")
     return 0
 

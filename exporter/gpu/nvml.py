@@ -18,6 +18,7 @@ pynvml is imported lazily, so the exporter imports and serves its other metrics 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +69,8 @@ _INIT_REASONS: Final[dict[int, Reason]] = {
 _DEVICE_LOST_CODES: Final = frozenset({_GPU_IS_LOST, _RESET_REQUIRED, _UNKNOWN})
 
 DEFAULT_RETRY_INTERVAL_S: Final = 10.0
+# What pynvml loads on Linux: the driver's NVML library.
+_NVML_LIBRARY: Final = "libnvidia-ml.so.1"
 
 _Scope = Literal["field", "device", "driver"]
 
@@ -124,6 +127,15 @@ class _DeviceDroppedError(Exception):
     def __init__(self, reason: Reason, detail: str) -> None:
         self.reason: Reason = reason
         super().__init__(detail)
+
+
+def _library_missing() -> str | None:
+    """Why the driver's NVML library cannot be loaded here, or None when it can."""
+    try:
+        ctypes.CDLL(_NVML_LIBRARY)
+    except OSError as exc:
+        return f"{_NVML_LIBRARY}: {exc}"
+    return None
 
 
 def _describe(exc: BaseException) -> str:
@@ -357,6 +369,11 @@ class Nvml:
         nv = self._module
         try:
             if nv is None:
+                missing = _library_missing()
+                if missing is not None:
+                    # pynvml is some 2 MiB of ctypes declarations that cannot work without the
+                    # library: a host without a driver never loads it.
+                    raise self._init_failed(now, GpuUnavailable("library_not_found", missing))
                 import pynvml  # noqa: PLC0415  # lazily: the exporter runs without it
 
                 nv = pynvml

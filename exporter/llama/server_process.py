@@ -25,6 +25,8 @@ from typing import Final, Self, TypeAlias
 import httpx
 import structlog
 
+from exporter.llama.argv import ArgvError, Option, find_options
+
 log = structlog.get_logger(__name__)
 
 # Short enough that a test waits barely longer than the server needs, long enough not to spin.
@@ -87,17 +89,19 @@ def _family(host: str) -> socket.AddressFamily:
 
 def redacted(cmd: Sequence[str]) -> list[str]:
     """`cmd` fit for a log line or a report: values of secret flags and variables hidden."""
-    out: list[str] = []
-    hide_next = False
-    for arg in cmd:
-        name = arg.split("=", 1)[0]
-        if hide_next:
-            out.append("***")
-        elif "=" in arg and (name in _SECRET_FLAGS or _SECRET_VARIABLE.fullmatch(name)):
-            out.append(f"{name}=***")
+    out = list(cmd)
+    secret_flags: list[Option] = []
+    with contextlib.suppress(ArgvError):  # a secret flag at the end has no value to hide
+        secret_flags.extend(find_options(cmd, dict.fromkeys(_SECRET_FLAGS, True)))
+    for option in secret_flags:
+        if option.end - option.start == 2:
+            out[option.start + 1] = "***"
         else:
-            out.append(arg)
-        hide_next = arg in _SECRET_FLAGS
+            out[option.start] = f"{option.name}=***"
+    for i, arg in enumerate(out):
+        name, assigns, _ = arg.partition("=")
+        if assigns and _SECRET_VARIABLE.fullmatch(name):
+            out[i] = f"{name}=***"
     return out
 
 

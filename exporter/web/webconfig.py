@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import bcrypt
 import structlog
-import yaml
 from prometheus_client.core import Metric as Family
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -164,6 +163,8 @@ class _Loader:
         return path if path.is_absolute() else self.path.parent / path
 
     def load(self) -> WebConfig:
+        import yaml  # noqa: PLC0415 - only with a web config file: see exporter.config.settings
+
         raw = self.read(self.path, "")
         try:
             data = yaml.safe_load(raw)

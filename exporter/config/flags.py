@@ -34,6 +34,7 @@ class Setting:
     help: str
     default: str  # as the README shows it
     flag: str
+    metavar: str
     repeatable: bool = False
     deprecated_flags: tuple[str, ...] = ()
 
@@ -44,10 +45,6 @@ class Setting:
     @property
     def key(self) -> str:
         return ".".join(self.path)
-
-    @property
-    def metavar(self) -> str:
-        return self.path[-1].upper()
 
 
 def _shown(value: Any) -> str:
@@ -68,12 +65,13 @@ def _setting(path: tuple[str, ...], field: FieldInfo) -> Setting:
     deprecated: tuple[str, ...] = ()
     if path[0] in _DASHED_SECTIONS and (path[0] != "probe" or path[-1] in _DASHED_PROBE_FLAGS):
         deprecated = ("--" + "-".join(p.replace("_", "-") for p in path),)
-    default = "none" if field.default_factory is not None else _shown(field.default)
+    default = _shown(extra["shown"]) if "shown" in extra else _shown(field.default)
     return Setting(
         path=path,
         help=field.description or "",
         default=default,
         flag=flag,
+        metavar=str(extra.get("metavar") or path[-1].upper()),
         repeatable=bool(extra.get("repeatable")),
         deprecated_flags=deprecated,
     )

@@ -113,7 +113,7 @@ class WebFields(_Strict):
     config_file: Path | None = Field(
         None,
         description="web config file: TLS and basic auth (default: plain HTTP, no auth)",
-        json_schema_extra={"flag": "--web.config.file"},
+        json_schema_extra={"flag": "--web.config.file", "metavar": "PATH"},
     )
 
 
@@ -183,12 +183,14 @@ class Settings(BaseSettings):
 
     target: Annotated[list[str], NoDecode, BeforeValidator(split_list)] = Field(
         default_factory=list,
-        description=f"llama-server URL to probe (repeatable; default {DEFAULT_TARGET_URL})",
-        json_schema_extra={"repeatable": True},
+        description="llama-server URL to probe; replaces the file's targets",
+        json_schema_extra={"repeatable": True, "metavar": "URL", "shown": DEFAULT_TARGET_URL},
     )
     api_key: SecretStr | None = Field(None, json_schema_extra={"flag": None})
     api_key_file: Path | None = Field(
-        None, description="file holding the API key for --target servers"
+        None,
+        description="file holding the API key for --target servers",
+        json_schema_extra={"metavar": "PATH"},
     )
     targets: list[TargetFields] = Field(default_factory=list, json_schema_extra={"flag": None})
     web: WebFields = WebFields()

@@ -6,6 +6,7 @@ for each session, hashes with the bcrypt package at its lowest cost, to keep tes
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import shutil
@@ -26,7 +27,9 @@ import yaml
 from exporter.cli import parse
 from exporter.config import Config, ConfigError
 from exporter.daemon import Daemon
+from exporter.llama.client import LlamaClient, ServerError
 from exporter.web import webconfig
+from exporter.web.endpoint import WebServer
 from exporter.web.webconfig import (
     AUTH_CACHE_SECONDS,
     BasicAuth,
@@ -503,3 +506,35 @@ def test_the_readme_examples_load(tmp_path: Path, certificates: dict[str, Any]) 
     assert bcrypt.checkpw(b"secret", config.users["prometheus"])  # the example password
     job = yaml.safe_load(scrape_yaml)["scrape_configs"][0]
     assert job["scheme"] == "https" and set(job["basic_auth"]) == {"username", "password_file"}
+
+
+@pytest.mark.parametrize("scheme", ["https", "HTTPS"])
+def test_an_https_target_is_verified_however_its_scheme_is_spelled(
+    scheme: str, certificates: dict[str, tuple[Path, Path]]
+) -> None:
+    """The client skips the CA bundle for plain HTTP only: an https target whose certificate
+    nobody trusts is refused, never read."""
+    cert, key = certificates["server"]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    def props(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    server = WebServer(props, "127.0.0.1", 0, lambda: context)
+    server.start()
+
+    async def read() -> Any:
+        client = LlamaClient(f"{scheme}://127.0.0.1:{server.port}")
+        try:
+            return await client.get_json("/props")
+        finally:
+            await client.aclose()
+
+    try:
+        with pytest.raises(ServerError) as refused:
+            asyncio.run(read())
+    finally:
+        server.close()
+    assert refused.value.reason == "connect"

@@ -8,10 +8,14 @@ from urllib.parse import urlsplit
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}  # noqa: S104 - names, not binds
 
 
+def uses_tls(url: str) -> bool:
+    """Whether the URL's scheme is https, however it is spelled (`HTTPS://` too)."""
+    return urlsplit(url).scheme == "https"
+
+
 def port_of(url: str) -> int:
     """The URL's port, or its scheme's default."""
-    parts = urlsplit(url)
-    return parts.port or (443 if parts.scheme == "https" else 80)
+    return urlsplit(url).port or (443 if uses_tls(url) else 80)
 
 
 def is_this_host(hostname: str) -> bool:

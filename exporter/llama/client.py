@@ -15,6 +15,8 @@ from typing import Any, Final
 import httpx
 from pydantic import SecretStr
 
+from exporter.host.address import uses_tls
+
 # The fixed set of failure reasons, exported as the `reason` label.
 CONNECT: Final = "connect"
 TIMEOUT: Final = "timeout"
@@ -105,7 +107,7 @@ class LlamaClient:
             headers=headers,
             timeout=timeout,
             transport=transport,
-            verify=base_url.startswith("https://"),
+            verify=uses_tls(base_url),
         )
         self._clock = clock
 

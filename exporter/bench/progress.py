@@ -12,6 +12,7 @@ from typing import Protocol, Self
 import structlog
 
 from exporter.bench.record import STATUS_TEXT, RunRecord
+from exporter.bench.sweep import Observer
 from exporter.bench.units import speed
 from exporter.probe.results import Sample
 from exporter.probe.stats import test_name
@@ -19,8 +20,8 @@ from exporter.probe.stats import test_name
 log = structlog.get_logger("bench")
 
 
-class Display(Protocol):
-    """A bench's observer (see `exporter.bench.sweep.Observer`), shown while in its context."""
+class Display(Observer, Protocol):
+    """A bench's observer, shown while in its context."""
 
     def __enter__(self) -> Self: ...
     def __exit__(
@@ -29,10 +30,6 @@ class Display(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
-    def run_started(self, index: int, total: int, title: str, samples_expected: int) -> None: ...
-    def phase(self, text: str) -> None: ...
-    def sample(self, sample: Sample) -> None: ...
-    def run_finished(self, run: RunRecord) -> None: ...
 
 
 def display(*, interactive: bool) -> Display:

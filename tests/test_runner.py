@@ -7,6 +7,7 @@ import random
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -167,6 +168,38 @@ def test_production_arriving_mid_probe_discards_the_sample() -> None:
     assert result.outcomes["prompt"].discards == ("overlap",)
     assert result.samples == ()
     assert len(completions(fake)) == 1  # the round stops: production has the server now
+
+
+def test_production_that_came_and_went_between_polls_ends_the_probe_at_once() -> None:
+    """On a loaded machine one poll can take longer than a short production request: the new
+    task id in its slot is the evidence, and the probe stops while its own request still runs
+    instead of at its end (or at the round's timeout)."""
+    fake = FakeLlama()
+    production_ran = asyncio.Event()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/completion":
+            production_ran.set()  # slot 0 serves a request from start to end meanwhile
+            await asyncio.Event().wait()  # the probe's own request would run on for long
+        response = await fake.handle(request)
+        if request.url.path != "/slots":
+            return response
+        slots = response.json()
+        for s in slots:
+            s["id_task"] = 2 if s["id"] == 0 and production_ran.is_set() else 1
+        return httpx.Response(200, json=slots)
+
+    async def go() -> RoundResult:
+        client = LlamaClient("http://llama", transport=httpx.MockTransport(handle))
+        runner = ProbeRunner("t", client, plan(timeout=5), overlap_poll_interval=0.01)
+        try:
+            return await runner.run_round()
+        finally:
+            await client.aclose()
+
+    result = run(go())
+    assert result.outcomes["prompt"].discards == ("overlap",)
+    assert result.outcomes["prompt"].failure is None and result.samples == ()
 
 
 def test_sleeping_server_is_not_woken() -> None:

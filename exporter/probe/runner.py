@@ -286,17 +286,11 @@ class ProbeRunner:
                 done, _ = await asyncio.wait({task}, timeout=self._poll)
                 if done:
                     break
-                if self._others_active(await self._activity.read(info.metrics_endpoint), slot):
+                if self._overlapped(await self._activity.read(info.metrics_endpoint), before, slot):
                     raise _OverlapError
             result = task.result()
-            # A request that came after the last poll, or came and went between two polls,
-            # shared batches with the probe: its slot is still busy or shows a new task id.
-            after = await self._activity.read(info.metrics_endpoint)
-            if self._others_active(after, slot) or (
-                after is not None
-                and before is not None
-                and after.others_started_since(before, slot)
-            ):
+            # A request that came after the last poll shared batches with the probe too.
+            if self._overlapped(await self._activity.read(info.metrics_endpoint), before, slot):
                 raise _OverlapError
             return result
         finally:
@@ -306,8 +300,14 @@ class ProbeRunner:
                 await asyncio.gather(task, return_exceptions=True)
 
     @staticmethod
-    def _others_active(activity: Activity | None, slot: int) -> bool:
-        return activity is not None and activity.others_active(slot)
+    def _overlapped(now: Activity | None, before: Activity | None, slot: int) -> bool:
+        """Whether production ran beside the probe: another slot is busy now, or shows a new
+        task id, a request that came and went between two polls (on a loaded machine a poll
+        can take longer than a short request)."""
+        if now is None:
+            return False
+        started = before is not None and now.others_started_since(before, slot)
+        return now.others_active(slot) or started
 
     def _suffix(self, info: ServerInfo, count: int) -> list[int]:
         """Fresh tokens to follow the prefix, never starting as the slot's current suffix does."""

@@ -41,9 +41,12 @@ ENV PATH=${VENV}/bin:$PATH \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=utility
 EXPOSE 18088
-# slim has no curl; the port is the default --web.listen-address.
+# `healthcheck` asks /healthz where `run` listens, over TLS when the web config turns it on
+# (README, docs/deploy.md), within 3 s; exit 1 and one line (docker inspect) when it does not
+# answer 200. It reads the LLAMA_SPEED_* variables and config file as `run` does, never run's
+# flags, which it cannot see: set the listen address and web config file as variables.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:18088/healthz', timeout=3)"]
+  CMD ["llama-speed-exporter", "healthcheck"]
 USER 10001:10001
 ENTRYPOINT ["llama-speed-exporter"]
 CMD ["run"]

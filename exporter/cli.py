@@ -1,4 +1,5 @@
-"""Command line: `run` (the daemon, the default), `probe` (one round, printed) and `bench`.
+"""Command line: `run` (the daemon, the default), `probe` (one round, printed), `bench`, and
+`healthcheck` (does this host's daemon answer /healthz: a container's HEALTHCHECK).
 
 Flags follow the Prometheus convention (`--probe.interval`, `--log.level`, `--config.file`)
 and are built from the table of settings (`exporter.config.flags`); the spellings of earlier
@@ -22,11 +23,14 @@ import structlog
 from exporter import __version__, log
 from exporter.config import ENV_PREFIX, Config, ConfigError, load_config
 from exporter.config.flags import SETTINGS, Setting
-from exporter.daemon import Daemon
+from exporter.daemon import SHUTDOWN_DEADLINE_SECONDS, Daemon
 from exporter.llama.client import LlamaClient
+from exporter.llama.redact import redacted_text
 from exporter.probe.printout import result_json, round_succeeded, table
 from exporter.probe.results import RoundResult
 from exporter.probe.runner import ProbeRunner
+from exporter.safe_argparse import SafeArgumentParser
+from exporter.web import healthcheck
 from exporter.web.webconfig import load_web_config
 
 PROG = "llama-speed-exporter"
@@ -36,7 +40,7 @@ CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
 # Earlier spellings of the config file's flag and variable.
 _DEPRECATED_CONFIG_FLAG = "--config"
 _DEPRECATED_CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
-_COMMANDS = ("run", "probe")
+_COMMANDS = ("run", "probe", "healthcheck")
 
 
 class _Deprecated(argparse.Action):
@@ -102,13 +106,13 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SafeArgumentParser(
         prog=PROG,
         description="Probe llama-server's prompt and generation speed; export it for Prometheus.",
-        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command")
+    # Subcommands are SafeArgumentParsers too: no abbreviations there either.
+    sub = parser.add_subparsers(dest="command", parser_class=SafeArgumentParser)
     run = sub.add_parser("run", help="run the exporter daemon (the default)", allow_abbrev=False)
     _add_settings_flags(run)
     probe = sub.add_parser(
@@ -116,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings_flags(probe)
     probe.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check = sub.add_parser(
+        "healthcheck",
+        help="exit 0 if this host's daemon answers /healthz (over TLS where the web config "
+        "says), else 1",
+        allow_abbrev=False,
+    )
+    # The settings flags too, so that the check finds the daemon where `run` would put it.
+    _add_settings_flags(check)
+    check.add_argument(
+        "--timeout", type=_positive_seconds, default=healthcheck.DEFAULT_TIMEOUT_SECONDS,
+        metavar="SECONDS", help="give up after this long (default %(default)g)",
+    )  # fmt: skip
     # Listed for --help; `bench` has its own parser (see exporter.bench.command).
     sub.add_parser(
         "bench",
@@ -164,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.bench import command as bench_command  # noqa: PLC0415 - see the docstring
 
         return bench_command.main(argv[1:], PROG)
+    if argv[:1] == ["healthcheck"]:
+        return healthcheck_command(argv)
     try:
         args, config = parse(argv)
     except ConfigError as exc:
@@ -177,6 +195,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "probe":
         return asyncio.run(probe_once(config, as_json=args.json))
     return run_daemon(config)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def healthcheck_command(argv: Sequence[str]) -> int:
+    """`healthcheck`: Docker's statuses, 0 healthy and 1 unhealthy (it reserves 2), so a config
+    error is 1 as well; no log lines, only one line on stderr when unhealthy."""
+    try:
+        args, config = parse(argv)
+    except ConfigError as exc:
+        print(f"{PROG} healthcheck: config error: {exc}", file=sys.stderr)
+        return healthcheck.UNHEALTHY
+    return healthcheck.check(config, timeout=args.timeout, prog=PROG)
 
 
 def check_config(config: Config) -> int:
@@ -199,10 +238,12 @@ def resolved_view(config: Config) -> dict[str, Any]:
         "targets": [
             {
                 "name": t.name,
-                "url": t.url,
+                "url": redacted_text(t.url),
                 "api_key": "set" if t.api_key is not None else None,
                 "plan": t.plan.model_dump(mode="json"),
                 "schedule": t.schedule.model_dump(mode="json"),
+                "limits": t.limits.model_dump(mode="json"),
+                **({"proxy": redacted_text(t.proxy)} if t.proxy else {}),
                 **({"pid_file": str(t.pid_file)} if t.pid_file else {}),
                 **({"process_name": t.process_name} if t.process_name else {}),
             }
@@ -229,14 +270,20 @@ def run_daemon(config: Config) -> int:
             "cannot_listen", address=config.listen_address, error=exc.strerror or str(exc)
         )
         return 1
-    asyncio.run(daemon.run())
+    # asyncio.run joins asyncio's default executor at its end, and the interpreter joins every
+    # non-daemon thread at exit, both without a timeout; the deadline's watchdog ends the
+    # process if either hangs (a DNS lookup that never returns).
+    asyncio.run(daemon.run(exit_deadline=SHUTDOWN_DEADLINE_SECONDS))
     return 0
 
 
 async def probe_once(config: Config, *, as_json: bool) -> int:
     results: list[RoundResult] = []
     for target in config.targets:
-        client = LlamaClient(target.url, target.api_key, timeout=target.plan.timeout)
+        client = LlamaClient(
+            target.url, target.api_key, timeout=target.plan.timeout,
+            limits=target.limits, proxy=target.proxy,
+        )  # fmt: skip
         try:
             results.append(await ProbeRunner(target.name, client, target.plan).run_round())
         finally:

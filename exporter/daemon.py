@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import structlog
@@ -18,17 +19,21 @@ from exporter.collectors.guard import SnapshotCollector
 from exporter.config.resolved import Config, Target
 from exporter.config.settings import split_listen_address
 from exporter.gpu.nvml import Nvml
-from exporter.host.proc import read_cmdline, read_environ
+from exporter.host.blocking import BlockingSlot, DeadlineExceededError, StillBlockedError
+from exporter.host.proc import read_cmdline, read_cwd, read_environ
 from exporter.host.targets import TargetProcesses
-from exporter.kv.facts import FactsError, model_facts
+from exporter.kv.facts import MODEL_UNREADABLE, FactsError, model_facts
 from exporter.llama.client import LlamaClient, ServerError
 from exporter.llama.discovery import ServerInfo
+from exporter.llama.redact import redacted_text
+from exporter.llama.untrusted import clean_text
 from exporter.probe.results import SKIP_IN_PROGRESS, RoundResult, round_figures
 from exporter.probe.runner import ProbeRunner
 from exporter.schedule.budget import DutyBudget
 from exporter.schedule.rounds import BudgetedRounds
 from exporter.schedule.scheduler import Scheduler
 from exporter.state.store import Store
+from exporter.watchdog import ShutdownWatchdog
 from exporter.web.endpoint import WebServer, make_app
 from exporter.web.webconfig import ReloadableWebConfig, secure_app
 
@@ -36,6 +41,9 @@ log = structlog.get_logger(__name__)
 
 # SIGTERM must end the process within 5 s; in-flight probes get this long to close their streams.
 SHUTDOWN_GRACE_SECONDS = 3.0
+# ...and past this, from the stop request, the watchdog ends the process, whatever still runs:
+# after the grace and the closing of the web server and clients, before the 5 s are up.
+SHUTDOWN_DEADLINE_SECONDS = 4.5
 
 
 @dataclass
@@ -45,6 +53,8 @@ class _TargetRuntime:
     runner: ProbeRunner
     rounds: BudgetedRounds
     model_key: tuple[object, ...] | None = None  # what the model facts were worked out for
+    # The GGUF header read: a file the server names may sit on a mount that hangs.
+    model_reads: BlockingSlot = field(default_factory=BlockingSlot)
 
 
 def round_event(result: RoundResult) -> dict[str, object]:
@@ -76,6 +86,9 @@ def round_event(result: RoundResult) -> dict[str, object]:
 
 
 class Daemon:
+    # Set by `run` when given an exit deadline; armed by the stop request.
+    _watchdog: ShutdownWatchdog | None = None
+
     def __init__(
         self,
         config: Config,
@@ -88,7 +101,7 @@ class Daemon:
         self.config = config
         # First: a bad web config file must stop the start before anything else is set up.
         web_config = ReloadableWebConfig(config.web_config_file) if config.web_config_file else None
-        self.store = Store([(t.name, t.url) for t in config.targets])
+        self.store = Store([(t.name, redacted_text(t.url)) for t in config.targets])
         self._nvml = (nvml or Nvml()) if config.gpu else None
         energy = self._nvml.energy_joules if self._nvml is not None else lambda: None
         self._runtimes = {
@@ -127,8 +140,10 @@ class Daemon:
         energy: Callable[[], float | None],
     ) -> _TargetRuntime:
         # Each request may take the whole round's timeout; the round itself enforces it.
-        client = LlamaClient(target.url, target.api_key, timeout=target.plan.timeout,
-                             transport=transport)  # fmt: skip
+        client = LlamaClient(
+            target.url, target.api_key, timeout=target.plan.timeout,
+            limits=target.limits, proxy=target.proxy, transport=transport,
+        )  # fmt: skip
         runner = ProbeRunner(
             target.name, client, target.plan, overlap_poll_interval=poll, energy=energy
         )
@@ -159,13 +174,29 @@ class Daemon:
             self.store.record_tokens_held(name, held)
             return
         rt.model_key = key
-        argv = read_cmdline(pid) if pid is not None else None
-        environ = read_environ(pid) if pid is not None else None
+        proc = self._processes.proc_root
+        argv = read_cmdline(pid, proc_root=proc) if pid is not None else None
+        environ = read_environ(pid, proc_root=proc) if pid is not None else None
+        cwd = read_cwd(pid, proc_root=proc) if pid is not None else None
+        work = functools.partial(
+            model_facts, info, rt.target.kv, list(argv) if argv else None, environ,
+            server_cwd=cwd,
+        )  # fmt: skip
         try:
-            # A header read is fast, but it is file I/O: keep it off the event loop.
-            facts = await asyncio.to_thread(
-                model_facts, info, rt.target.kv, list(argv) if argv else None, environ
+            # Off the event loop, and off asyncio's executor too, which the exit joins: a file
+            # on a hung mount never answers, and discovery goes on without it.
+            facts = await rt.model_reads.run(work, name=f"model-read:{name}")
+        except (DeadlineExceededError, StillBlockedError) as exc:
+            rt.model_key = None  # read again at the next discovery, once the thread is free
+            timed_out = isinstance(exc, DeadlineExceededError)
+            detail = (
+                f"timed out reading the model file ({rt.model_reads.deadline:g} s)"
+                if timed_out
+                else "an earlier read of the model file is still blocked; not reading again"
             )
+            self.store.record_model(name, None, MODEL_UNREADABLE, held)
+            log.warning("kv_cache_unknown", target=name, reason=MODEL_UNREADABLE, detail=detail,
+                        model_path=clean_text(info.model_path, 512))  # fmt: skip
         except FactsError as exc:
             self.store.record_model(name, None, exc.reason, held)
             log.warning("kv_cache_unknown", target=name, reason=exc.reason, detail=exc.detail)
@@ -186,15 +217,22 @@ class Daemon:
         log.info("probe_round", target=name, skipped=[SKIP_IN_PROGRESS])
 
     def request_stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.arm()
         self._stop.set()
 
     def request_stop_threadsafe(self) -> None:
         """For callers outside the daemon's event loop (tests, embedding)."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+            self._loop.call_soon_threadsafe(self.request_stop)
 
-    async def run(self, *, handle_signals: bool = True) -> None:
-        """Serve and probe until SIGTERM or SIGINT (or `request_stop`), then stop cleanly."""
+    async def run(self, *, handle_signals: bool = True, exit_deadline: float | None = None) -> None:
+        """Serve and probe until SIGTERM or SIGINT (or `request_stop`), then stop cleanly.
+
+        With `exit_deadline` (the command line's run, which owns the process), a stop request
+        arms a watchdog that ends the process that many seconds later if it is still there
+        (`exporter.watchdog`). Tests that run the daemon in their own process leave it None.
+        """
         loop = asyncio.get_running_loop()
         self._loop = loop
         signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
@@ -205,9 +243,11 @@ class Daemon:
             "exporter_started",
             listen=self.config.listen_address,
             port=self.web.port,
-            targets=[t.url for t in self.config.targets],
+            targets=[redacted_text(t.url) for t in self.config.targets],
         )
         scheduler = Scheduler(loop, on_max_instances=self.skipped_in_progress)
+        if exit_deadline is not None:
+            self._watchdog = ShutdownWatchdog(exit_deadline, lambda: {"jobs": scheduler.running()})
         for name, rt in self._runtimes.items():
             schedule = rt.target.schedule
             delay = self._first_probe_delay
@@ -226,8 +266,13 @@ class Daemon:
         try:
             await self._stop.wait()
         finally:
+            if self._watchdog is not None:
+                self._watchdog.arm()  # the stop may come from an exception, not a request
             log.info("exporter_stopping")
-            await scheduler.shutdown(SHUTDOWN_GRACE_SECONDS)
+            left = await scheduler.shutdown(SHUTDOWN_GRACE_SECONDS)
+            if left:
+                # Blocked outside the loop or deaf to cancellation; the exit leaves them behind.
+                log.warning("jobs_still_running", jobs=left, grace_s=SHUTDOWN_GRACE_SECONDS)
             self.web.close()
             for rt in self._runtimes.values():
                 await rt.client.aclose()

@@ -11,7 +11,9 @@
 #     does too), `llama-speed-exporter --version`;
 #  3. `llama-speed-exporter run` on a free loopback port against a closed port, without the GPU
 #     collector: /healthz must answer "ok" and /metrics must hold llama_speed_server_up 0 for
-#     the target within a deadline; then SIGTERM must end it with status 0.
+#     the target within a deadline; the image's HEALTHCHECK command, `llama-speed-exporter
+#     healthcheck`, configured by the environment alone, must exit 0; then SIGTERM must end
+#     the daemon with status 0, after which the health check must exit 1.
 # Needs Python >= 3.11 (PYTHON, default python3) and PyPI or pip's cache (for setuptools, which
 # pip's build isolation fetches, and the dependencies).
 set -euo pipefail
@@ -70,7 +72,8 @@ for s in socks:
     s.close()
 EOF
 )
-"$VENV/bin/llama-speed-exporter" run --web.listen-address "127.0.0.1:$port" \
+# The listen address as a variable, as the image's health check needs it.
+LLAMA_SPEED_WEB_LISTEN_ADDRESS="127.0.0.1:$port" "$VENV/bin/llama-speed-exporter" run \
   --target "http://127.0.0.1:$closed" --collector.gpu=false >"$work/exporter.log" 2>&1 &
 pid=$!
 cleanup() {
@@ -121,6 +124,12 @@ while time.monotonic() < deadline:
 sys.exit(f"deadline passed: {last}")
 EOF
 
+healthcheck() {
+  LLAMA_SPEED_WEB_LISTEN_ADDRESS="127.0.0.1:$port" "$VENV/bin/llama-speed-exporter" healthcheck
+}
+healthcheck || fail "the health check failed while the daemon runs"
+echo "healthcheck: exit 0 while it runs"
+
 kill -TERM "$pid"
 for _ in $(seq 100); do # SIGTERM must end it within 5 s (README); allow 10
   kill -0 "$pid" 2>/dev/null || break
@@ -135,4 +144,10 @@ trap - EXIT
 if [ "$rc" -ne 0 ]; then
   fail "exit status $rc after SIGTERM, want 0"
 fi
+hc_rc=0
+healthcheck 2>"$work/healthcheck.err" || hc_rc=$?
+if [ "$hc_rc" -ne 1 ]; then
+  fail "the health check exited $hc_rc once the daemon stopped, want 1"
+fi
+echo "healthcheck: exit 1 once it stopped: $(cat "$work/healthcheck.err")"
 step "ok: $wheel installs and runs; exited 0 on SIGTERM"

@@ -18,6 +18,7 @@ from exporter.llama.argv import has_option
 from exporter.llama.server_process import LlamaServerNotInstalledError, default_binary
 from testbed.llama_server import LlamaServerProcess
 from testbed.tiny_model import write_tiny_model
+from tests.certificates import make_certificate
 
 # Small enough to load in well under a second on 2 cores, large enough for multi-slot tests.
 DEFAULT_CTX = "4096"
@@ -140,3 +141,18 @@ def run_promtool(promtool: str, *args: str) -> str:
 @pytest.fixture(scope="session")
 def prometheus_binary() -> str:
     return prometheus_tool("prometheus")
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    directory = tmp_path_factory.mktemp("certificates")
+    return {name: make_certificate(directory, name) for name in ("server", "other", "client")}
+
+
+@pytest.fixture
+def tls_dir(tmp_path: Path, certificates: dict[str, tuple[Path, Path]]) -> Path:
+    """The server's certificate and key beside the web config, named relative to it."""
+    cert, key = certificates["server"]
+    shutil.copy(cert, tmp_path / "server.crt")
+    shutil.copy(key, tmp_path / "server.key")
+    return tmp_path

@@ -25,7 +25,7 @@ def fixture_json(name: str) -> Any:
     return json.loads((FIXTURES / name).read_text())
 
 
-def _final_chunk_template() -> dict[str, Any]:
+def final_chunk_template() -> dict[str, Any]:
     lines = (FIXTURES / "stream_tg.txt").read_text().splitlines()
     chunks = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
     return next(c for c in chunks if c["stop"])
@@ -163,7 +163,7 @@ class FakeLlama:
         }
         if self.tamper is not None:
             self.tamper(timings)
-        final = copy.deepcopy(_final_chunk_template())
+        final = copy.deepcopy(final_chunk_template())
         final.update(id_slot=slot, tokens_predicted=n_predict, timings=timings)
         token = {
             "index": 0, "content": "9", "tokens": [self.n_vocab - 1], "stop": False, "id_slot": -1,

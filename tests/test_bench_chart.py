@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import stat
 import struct
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from exporter.bench.record import (
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PYPROJECT = Path(__file__).parent.parent / "pyproject.toml"
 
 
 def samples(depth: int, pp: Sequence[float], tg: Sequence[float]) -> tuple[SampleRecord, ...]:
@@ -155,9 +159,24 @@ def test_write_chart_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_pat
     # None in sys.modules makes an import fail; submodules already loaded must go the same way.
     for name in ["matplotlib", *(n for n in sys.modules if n.startswith("matplotlib."))]:
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(ChartUnavailableError, match=r"pip install 'llama-speed-exporter\[bench\]'"):
+    with pytest.raises(ChartUnavailableError) as raised:
         write_chart([sweep("iq3")], tmp_path / "chart.png")
     assert not (tmp_path / "chart.png").exists()
+    # The hint must name what pip can install: the project itself is not on PyPI.
+    hint = str(raised.value)
+    assert "llama-speed-exporter[" not in hint
+    requirement = re.search(r"pip install '(matplotlib[^']*)'", hint)
+    assert requirement is not None, hint
+    assert "pip install '.[bench]'" in hint
+    # Both name the bench extra's own requirement, so the hint cannot drift from pyproject.
+    extras = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
+    assert requirement.group(1) in extras["bench"]
+
+
+def test_a_chart_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "chart.png"
+    write_chart([sweep("iq3")], path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_series_is_immutable() -> None:

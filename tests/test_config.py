@@ -149,6 +149,20 @@ BAD_CONFIGS = [
         "targets.0.api_key_env: environment variable UNSET_VAR_FOR_TEST is unset",
     ),
     ("web:\n  listen_address: nowhere\n", "web.listen_address: 'nowhere' is not HOST:PORT"),
+    (
+        "targets:\n  - url: http://a:1\n    api_key: 'cl\u00e9'\n",
+        "targets.0.api_key: the API key must be printable ASCII",
+    ),
+    (
+        "targets:\n  - url: http://a:1\n    proxy: socks://p:1\n",
+        "targets.0.proxy: 'socks://p:1' is not an http:// or https://",
+    ),
+    ("probe:\n  max_response_bytes: 10\n", "probe.max_response_bytes: Input should be greater"),
+    ("probe:\n  discovery_timeout: .inf\n", "probe.discovery_timeout: Input should be a finite"),
+    (
+        "targets:\n  - url: 'http://h\u00f6st:1'\n",
+        "targets.0.url: must be a URL of printable ASCII",
+    ),
     ("log:\n  format: xml\n", "log.format: Input should be 'json' or 'console'"),
     ("targets: [\n", "config: "),
     ("- just\n- a list\n", "config: "),
@@ -198,3 +212,52 @@ def test_console_script_bad_config_has_no_traceback(tmp_path: Path) -> None:
     assert done.stderr.startswith("llama-speed-exporter: config error: probe.slot: ")
     assert "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_a_non_ascii_key_file_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    key = write(tmp_path, "key", "cl\u00e9-secr\u00e8te\n")
+    with pytest.raises(ConfigError) as info:
+        parse(["--target", "http://a:1", "--api-key-file", str(key)])
+    assert str(info.value).startswith("api_key_file: the API key must be printable ASCII")
+    assert "secr" not in str(info.value)
+
+
+def test_request_limits_and_proxy_reach_the_target(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path,
+        "c.yaml",
+        "probe:\n  discovery_timeout: 3\ntargets:\n"
+        "  - url: http://a:1\n    proxy: http://proxy:3128\n"
+        "    probe:\n      max_response_bytes: 100000\n",
+    )
+    _, config = parse(["--config.file", str(cfg)])
+    (target,) = config.targets
+    assert target.limits.discovery_timeout == 3
+    assert target.limits.max_response_bytes == 100000
+    assert target.proxy == "http://proxy:3128"
+
+
+def test_config_check_shows_no_password_of_a_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--target", "http://user:hunter2@a:1", "--config.check"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "http://user:***@a:1" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--api-key", "s3cr3t-value"],
+        ["--api-key=s3cr3t-value"],
+        ["probe", "--target", "http://a:1", "--hf-token", "s3cr3t-value"],
+    ],
+)
+def test_an_unknown_secret_flag_is_refused_without_echoing_its_value(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and "s3cr3t-value" not in err

@@ -24,9 +24,11 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter.cli import main as cli_main
 from exporter.cli import parse
 from exporter.config import Config
-from tests.conftest import run_promtool
+from exporter.web.healthcheck import DEFAULT_TIMEOUT_SECONDS as HEALTHCHECK_DEFAULT_TIMEOUT
+from tests.conftest import StartServer, run_promtool
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -38,6 +40,7 @@ UNIT = SYSTEMD / "llama-speed-exporter.service"
 DROP_IN = SYSTEMD / "llama-speed-exporter.service.d" / "api-key.conf"
 K8S = ROOT / "deploy" / "kubernetes"
 K8S_BASE = K8S / "base"
+K8S_API_KEY = K8S / "components" / "api-key"
 K8S_VERSION = "1.30"
 ALERTS = ROOT / "deploy" / "prometheus" / "rules" / "alerts.yml"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -165,18 +168,34 @@ def test_dockerfile_final_stage() -> None:
     # Nothing of the driver or CUDA in the image: NVML comes from the NVIDIA runtime.
     steps = " ".join(f"{k} {args}" for _, stage in stages for k, args in stage)
     assert not re.search(r"(?i)cuda|libnvidia|nvidia-(driver|utils)|apt-get", steps)
-    # The health check: python (slim has no curl), on /healthz at the exposed port.
+    # The health check: the CLI's own, which speaks TLS when the web config says so (a fixed
+    # http:// URL broke as soon as TLS was on), within the engine's timeout.
     (healthcheck,) = instructions(final, "HEALTHCHECK")
-    argv = json.loads(healthcheck.split(" CMD ", 1)[1])
-    assert argv[:2] == ["python", "-c"]
-    compile(argv[2], "HEALTHCHECK", "exec")
-    assert f"http://127.0.0.1:{PORT}/healthz" in argv[2]
+    options, _, command = healthcheck.partition(" CMD ")
+    assert json.loads(command) == ["llama-speed-exporter", "healthcheck"]
+    engine_timeout = re.search(r"--timeout=(\d+)s", options)
+    assert engine_timeout, options
+    # Python's start-up and the imports come on top of the check's own timeout.
+    assert int(engine_timeout[1]) >= HEALTHCHECK_DEFAULT_TIMEOUT + 2
+
+
+def test_dockerfile_healthcheck_is_a_command_the_cli_knows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [n for n in os.environ if n.startswith("LLAMA_SPEED_")]:
+        monkeypatch.delenv(name)
+    args, config = parse(["healthcheck"])
+    assert args.command == "healthcheck"
+    assert args.timeout == HEALTHCHECK_DEFAULT_TIMEOUT
+    assert config.listen_address.endswith(f":{PORT}")  # the port EXPOSE names
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "**/__pycache__", ".pytest_cache", ".mypy_cache"} <= ignored
     assert {".ruff_cache", "deploy/compose/.env"} <= ignored
+    # The compose secret: the build context is the repository, which holds it.
+    assert {"deploy/compose/llama-api-key", "deploy/compose/web"} <= ignored
 
 
 def test_docker_build_steps_build_install_and_run(tmp_path: Path) -> None:
@@ -199,6 +218,9 @@ def test_docker_build_steps_build_install_and_run(tmp_path: Path) -> None:
     assert f"llama-speed-exporter {VERSION}" in done.stdout
     assert "/healthz: ok; /metrics: llama_speed_server_up{target=" in done.stdout
     assert "exited 0 on SIGTERM" in done.stdout
+    # The image's health check, as the engine runs it: healthy, then not once it stopped.
+    assert "healthcheck: exit 0 while it runs" in done.stdout
+    assert "healthcheck: exit 1 once it stopped: llama-speed-exporter healthcheck:" in done.stdout
     # The package's boundaries, in the install the image has: what only the demo, the tests or
     # bench need is not there, and the daemon loads none of bench.
     venv_python = str(tmp_path / "work" / "venv" / "bin" / "python")
@@ -317,11 +339,61 @@ def test_compose_services() -> None:
         assert flag in command
     assert exporter["command"][exporter["command"].index("--target") + 1].endswith(":8080")
 
-    # The exporter is on the host's network: Prometheus reaches it through the host gateway.
-    assert "host.docker.internal:host-gateway" in services["prometheus"]["extra_hosts"]
     for name in ("prometheus", "alertmanager", "grafana"):
         for source, _, _ in bind_mounts(services[name]):
             assert (COMPOSE_DIR / source).exists(), f"{name}: {source} is not in the repository"
+
+
+def flag_value(command: list[str], flag: str) -> str:
+    """The value of `--flag=value` or `--flag value` in a command."""
+    for i, arg in enumerate(command):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag:
+            return command[i + 1]
+    raise AssertionError(f"{flag} not in {command}")
+
+
+def exporter_listen_address(services: dict[str, Any]) -> str:
+    address: str = services["exporter"]["environment"]["LLAMA_SPEED_WEB_LISTEN_ADDRESS"]
+    return address
+
+
+def test_compose_listens_on_the_hosts_loopback_only() -> None:
+    """What the header says: every service in the host's network on 127.0.0.1, none published
+    (Grafana, which has a login, at BIND_ADDRESS); llama-server only with the API key."""
+    header = COMPOSE.read_text().split("\nname:", 1)[0]
+    assert "listens on 127.0.0.1 only" in header
+    services = compose()["services"]
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert "ports" not in service, f"{name}: nothing is published"
+    assert exporter_listen_address(services) == f"127.0.0.1:{PORT}"
+    assert compose_env()["EXPORTER_LISTEN_ADDRESS"] == f"127.0.0.1:{PORT}"
+    assert flag_value(services["llama-server"]["command"], "--host") == "127.0.0.1"
+    prometheus, alertmanager = services["prometheus"], services["alertmanager"]
+    assert flag_value(prometheus["command"], "--web.listen-address") == "127.0.0.1:9090"
+    assert flag_value(alertmanager["command"], "--web.listen-address") == "127.0.0.1:9093"
+    # Alertmanager's gossip port would listen on every interface: off, for one instance.
+    assert flag_value(alertmanager["command"], "--cluster.listen-address") == ""
+    assert services["grafana"]["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
+    assert compose_env()["BIND_ADDRESS"] == "127.0.0.1"
+
+
+def test_compose_llama_server_and_exporter_share_the_api_key_file() -> None:
+    data = compose()
+    services = data["services"]
+    (secret,) = data["secrets"]
+    assert data["secrets"][secret] == {"file": "./llama-api-key"}
+    # A file of the user's, kept out of git and of the image's build context.
+    assert "llama-api-key" in (COMPOSE_DIR / ".gitignore").read_text().split()
+    path = f"/run/secrets/{secret}"  # where the short syntax mounts it
+    llama, exporter = services["llama-server"], services["exporter"]
+    assert llama["secrets"] == [secret] and exporter["secrets"] == [secret]
+    assert flag_value(llama["command"], "--api-key-file") == path
+    assert "--api-key" not in llama["command"]  # a key on the command line is in ps
+    assert exporter["environment"]["LLAMA_SPEED_API_KEY_FILE"] == path
+    assert "LLAMA_SPEED_API_KEY" not in exporter["environment"]
 
 
 def test_compose_file_validates_against_the_compose_spec() -> None:
@@ -396,12 +468,14 @@ def test_compose_prometheus_config_as_the_container_sees_it(tmp_path: Path, prom
     shipped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     assert config["rule_files"] == shipped["rule_files"]
     assert config["global"] == shipped["global"]
+    # Every service is in the host's network: each is where the other listens.
     job = next(j for j in config["scrape_configs"] if j["job_name"] == alert_job())
-    assert job["static_configs"][0]["targets"] == [f"host.docker.internal:{PORT}"]
+    assert job["static_configs"][0]["targets"] == [exporter_listen_address(services)]
     (alertmanager,) = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
-    host, port = alertmanager.split(":")
-    assert host in services
-    assert any(p.endswith(f":{port}:{port}") for p in services[host]["ports"])
+    assert alertmanager == flag_value(services["alertmanager"]["command"], "--web.listen-address")
+    own = next(j for j in config["scrape_configs"] if j["job_name"] == "prometheus")
+    (prometheus,) = own["static_configs"][0]["targets"]
+    assert prometheus == flag_value(services["prometheus"]["command"], "--web.listen-address")
 
 
 def test_compose_alertmanager_config() -> None:
@@ -436,14 +510,56 @@ def test_compose_grafana_loads_the_provisioning_and_dashboards() -> None:
     match = re.fullmatch(r"http://([\w-]+):(\d+)", url)
     assert match, url
     host, port = match.groups()
+    # Grafana is in the host's network: the datasource's host name is the loopback, where
+    # that service listens.
     assert host in services
-    assert any(p.endswith(f":{port}:{port}") for p in services[host]["ports"])
+    assert f"{host}:127.0.0.1" in services["grafana"]["extra_hosts"]
+    listen = flag_value(services[host]["command"], "--web.listen-address")
+    assert listen == f"127.0.0.1:{port}"
 
 
-def test_compose_exporter_env_example(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = env_file_assignments(COMPOSE_DIR / "exporter.env.example", commented=True)
-    assert "LLAMA_SPEED_API_KEY" in env
-    check_exporter_env(env, monkeypatch)
+def test_compose_exporter_settings_are_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compose.yaml's environment, with exporter.env.example's (commented) settings over it:
+    the exporter takes them, and reads the API key from the secret's file."""
+    exporter = compose()["services"]["exporter"]
+    env = {k: v for k, v in exporter["environment"].items() if k.startswith("LLAMA_SPEED_")}
+    key_file = tmp_path / "llama-api-key"
+    key_file.write_text("0123abcd\n")  # as `openssl rand -hex 32 >` writes it
+    assert env.pop("LLAMA_SPEED_API_KEY_FILE").startswith("/run/secrets/")
+    env["LLAMA_SPEED_API_KEY_FILE"] = str(key_file)
+    example = env_file_assignments(COMPOSE_DIR / "exporter.env.example", commented=True)
+    # The key comes from the secret; a variable besides would be refused as a second key.
+    assert "LLAMA_SPEED_API_KEY" not in example
+    example.pop("LLAMA_SPEED_WEB_CONFIG_FILE")  # a file the example only names
+    config = check_exporter_env(env | example, monkeypatch)
+    (target,) = config.targets
+    assert target.api_key is not None and target.api_key.get_secret_value() == "0123abcd"
+    assert config.listen_address == f"127.0.0.1:{PORT}"
+
+
+def test_compose_key_file_serves_llama_server_and_the_exporter(
+    llama_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one file, read by the real llama-server's --api-key-file and the exporter's
+    LLAMA_SPEED_API_KEY_FILE: a probe round passes with it and fails without it."""
+    key_file = tmp_path / "llama-api-key"
+    key_file.write_text("9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c\n")
+    key_file.chmod(0o400)
+    llama = compose()["services"]["llama-server"]
+    server = llama_server("--api-key-file", str(key_file), "--metrics")
+    assert "--api-key-file" in llama["command"]
+    for name in [n for n in os.environ if n.startswith("LLAMA_SPEED_")]:
+        monkeypatch.delenv(name)
+    plan = [
+        *("--probe.prompt-tokens", "32", "--probe.generation-tokens", "8"),
+        *("--probe.repetitions", "1", "--probe.timeout", "60"),
+    ]
+    monkeypatch.setenv("LLAMA_SPEED_API_KEY_FILE", str(key_file))
+    assert cli_main(["probe", "--target", server.url, *plan]) == 0
+    monkeypatch.delenv("LLAMA_SPEED_API_KEY_FILE")
+    assert cli_main(["probe", "--target", server.url, *plan]) == 1
 
 
 # --- systemd ----------------------------------------------------------------------------------
@@ -474,18 +590,28 @@ def test_systemd_unit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         "RestartSec": "5",
         "EnvironmentFile": "-/etc/default/llama-speed-exporter",
         "ExecStart": "/usr/local/bin/llama-speed-exporter run",
-        # /proc/<pid>/fd of llama-server's process, and nothing else of root's.
-        "AmbientCapabilities": "CAP_SYS_PTRACE",
-        "CapabilityBoundingSet": "CAP_SYS_PTRACE",
+        # Another uid's /proc/<pid>/fd (mode 0500) and environ (0400) need DAC_READ_SEARCH,
+        # the fd links and environ ptrace read access too; nothing else of root's.
+        "AmbientCapabilities": "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE",
+        "CapabilityBoundingSet": "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE",
     }.items():
         assert one.get(key) == value, key
+    # The comment above them says what each is for, and what more they give.
+    unit = UNIT.read_text()
+    comment = unit[: unit.index("AmbientCapabilities=")].rsplit("\n\n", 1)[1]
+    for needed in ("CAP_DAC_READ_SEARCH", "0500", "0400", "CAP_SYS_PTRACE", "/proc/<pid>/mem"):
+        assert needed in comment, needed
     assert {"/dev/nvidiactl rw", "char-nvidia* rw"} <= set(s["DeviceAllow"])
     # Each of these would hide what the exporter must see: the GPUs, llama-server's process,
     # /proc/net/tcp, or llama-server itself.
     for key in ("PrivateDevices", "ProtectProc", "ProcSubset", "PrivateNetwork", "PrivateUsers"):
         assert key not in s, key
-    # ptrace(2) itself stays forbidden: the system call filter leaves out @debug.
+    # ptrace(2) itself stays forbidden: the system call filter leaves out @debug. Reading
+    # and writing another process's memory through process_vm_readv(2)/process_vm_writev(2),
+    # which @system-service allows (in @ipc), is denied by name.
     assert s["SystemCallFilter"][0] == "@system-service"
+    denied = set(s["SystemCallFilter"][1].removeprefix("~").split())
+    assert {"@privileged", "@resources", "process_vm_readv", "process_vm_writev"} <= denied
 
     drop_in = unit_settings(DROP_IN)
     assert drop_in["LoadCredential"] == ["api-key:/etc/llama-speed-exporter/api-key"]
@@ -668,6 +794,9 @@ def test_daemonset_service_and_service_monitor_fit_together(
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
     assert env["LLAMA_SPEED_WEB_LISTEN_ADDRESS"] == f":{PORT}"
+    # No secret in the environment of this hostPID pod (the api-key component mounts it).
+    assert "LLAMA_SPEED_API_KEY" not in env
+    assert "secretKeyRef" not in json.dumps(container["env"])
     # Each node's target is named after the node ($(NODE_NAME), expanded by the kubelet), so
     # that the recording rules, which sum over exporters by target, keep the nodes apart.
     (node,) = [e for e in container["env"] if e["name"] == "NODE_NAME"]
@@ -683,6 +812,7 @@ def test_daemonset_service_and_service_monitor_fit_together(
     # The image's user, and nothing writable or privileged.
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] == UID
+    assert spec["securityContext"]["fsGroup"] == UID  # group of the Secret volume's files
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
@@ -710,6 +840,63 @@ def test_daemonset_service_and_service_monitor_fit_together(
 
     images = kustomization(K8S_BASE)["images"]
     assert images == [{"name": container["image"], "newTag": VERSION}]
+
+
+def test_api_key_component_mounts_the_secret_as_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    component = kustomization(K8S_API_KEY)
+    assert component["kind"] == "Component"
+    for patch in component["patches"]:
+        assert (K8S_API_KEY / patch["path"]).is_file()
+    # A user's kustomization: the base (or the overlay) and the component.
+    for resource_dir in (K8S_BASE, K8S / "overlays" / "kube-prometheus-stack"):
+        user = tmp_path / resource_dir.name
+        user.mkdir()
+        (user / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "resources": [os.path.relpath(resource_dir, user)],
+                    "components": [os.path.relpath(K8S_API_KEY, user)],
+                }
+            )
+        )
+        (daemonset,) = [d for d in kustomize_build(user) if d["kind"] == "DaemonSet"]
+    spec = daemonset["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert "LLAMA_SPEED_API_KEY" not in env
+    key_path = env["LLAMA_SPEED_API_KEY_FILE"]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "api-key"]
+    assert mount["readOnly"] is True
+    secret = {v["name"]: v for v in spec["volumes"]}["api-key"]["secret"]
+    assert secret["secretName"] == "llama-speed-exporter"
+    (item,) = secret["items"]
+    assert item["key"] == "api-key"
+    assert key_path == f"{mount['mountPath']}/{item['path']}"
+    # Not optional: a pod without its key would only fail its probes. Files are root's, of
+    # the pod's group (fsGroup): readable by that group, by nobody else.
+    assert not secret.get("optional", False)
+    assert secret["defaultMode"] == 0o440
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"] == UID
+    try:
+        import kubernetes_validate  # noqa: PLC0415
+    except ImportError:
+        pass  # validated where installed (test_builtin_kinds_validate_...)
+    else:
+        kubernetes_validate.validate(daemonset, K8S_VERSION, strict=True)
+
+    # The exporter takes the settings, and the key from the file.
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret-key\n")
+    settings = {
+        name: e["value"].replace("$(NODE_NAME)", "gpu-node-7")
+        for name, e in env.items()
+        if name.startswith("LLAMA_SPEED_") and "value" in e
+    }
+    settings["LLAMA_SPEED_API_KEY_FILE"] = str(key_file)
+    (target,) = check_exporter_env(settings, monkeypatch).targets
+    assert target.api_key is not None and target.api_key.get_secret_value() == "s3cret-key"
 
 
 # --- docs/deploy.md ---------------------------------------------------------------------------

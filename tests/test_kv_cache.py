@@ -559,7 +559,7 @@ def test_directory_raises(tmp_path: Path) -> None:
     [
         (b"", "not a GGUF file: only 0 bytes long"),
         (b"GG", "not a GGUF file: only 2 bytes long"),
-        (b"PK\x03\x04" + b"\x00" * 100, "not a GGUF file: starts with b'PK"),
+        (b"PK\x03\x04" + b"\x00" * 100, "not a GGUF file: it does not start with the GGUF magic"),
         (b"GGUF" + struct.pack("<I", 1) + b"\x00" * 16, "unsupported GGUF version 1"),
         (b"GGUF" + struct.pack(">I", 3) + b"\x00" * 16, "big-endian"),
         (b"GGUF" + struct.pack("<I", 3), "truncated: the tensor count needs 8 bytes"),

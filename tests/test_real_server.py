@@ -44,6 +44,7 @@ class CapturingTransport(httpx.AsyncBaseTransport):
     def __init__(self) -> None:
         self._inner = httpx.AsyncHTTPTransport()
         self.completions: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.final_fields: list[set[str]] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self._inner.handle_async_request(request)
@@ -59,6 +60,7 @@ class CapturingTransport(httpx.AsyncBaseTransport):
         finals = [e for e in events if e.get("stop")]
         if finals:
             self.completions.append((json.loads(request.content), finals[-1]["timings"]))
+            self.final_fields.append(set(finals[-1]))
         return httpx.Response(
             response.status_code,
             content=body,
@@ -118,6 +120,9 @@ def test_exported_speeds_are_the_servers_timings(llama_server: StartServer) -> N
     assert all(o.succeeded for o in result.outcomes.values()), result
     # A warm-up, 2 depths x (PP + TG), and one fill for depth 1024.
     assert len(capture.completions) == 6
+    # The server honours `response_fields`: the final event does not echo the prompt, which
+    # at a deep depth would be megabytes against the exporter's size limit.
+    assert capture.final_fields == [{"stop", "timings"}] * 6
     for request, timings in capture.completions:
         depth = 1024 if request["cache_prompt"] else 0
         if request["n_predict"] == 2 or len(request["prompt"]) == 1024:

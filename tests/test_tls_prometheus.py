@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from exporter.llama.server_process import free_port
+from tests.certificates import make_certificate
 from tests.test_webconfig import (
     bcrypt_hash,
-    make_certificate,
     secured_daemon,
     trusting,
     write_web_config,

@@ -43,22 +43,6 @@ from tests.fakes import FakeLlama
 RELOAD_DEADLINE_S = 15.0
 
 
-def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, and its key, as PEM files."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.fail("the openssl CLI is needed to make test certificates", pytrace=False)
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 def bcrypt_hash(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
 
@@ -70,21 +54,6 @@ def write_web_config(path: Path, data: dict[str, Any] | str) -> Path:
     partial.write_text(text)
     os.replace(partial, path)
     return path
-
-
-@pytest.fixture(scope="session")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    directory = tmp_path_factory.mktemp("certificates")
-    return {name: make_certificate(directory, name) for name in ("server", "other", "client")}
-
-
-@pytest.fixture
-def tls_dir(tmp_path: Path, certificates: dict[str, tuple[Path, Path]]) -> Path:
-    """The server's certificate and key beside the web config, named relative to it."""
-    cert, key = certificates["server"]
-    shutil.copy(cert, tmp_path / "server.crt")
-    shutil.copy(key, tmp_path / "server.key")
-    return tmp_path
 
 
 def tls_and_users(**users: str) -> dict[str, Any]:
@@ -429,6 +398,52 @@ def test_a_failed_reload_is_not_retried_until_a_file_changes(
     config.current()
     assert len(loads) == 2 and config.reload_success is False
     assert config.last_success == 1000.0
+
+
+@pytest.mark.parametrize("emptied", ["", "  \n\n   \n", "# all commented out\n"])
+def test_a_file_emptied_on_a_reload_keeps_basic_auth_on(
+    tmp_path: Path, emptied: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    clock = Clock()
+    web = write_web_config(tmp_path / "web.yml", {"basic_auth_users": {"a": bcrypt_hash("x")}})
+    config = ReloadableWebConfig(web, monotonic=clock, wall=clock)
+    write_web_config(web, emptied)
+    clock.now += 1
+    assert set(config.current().users) == {"a"}
+    assert (config.reload_success, config.last_success) == (False, 1000.0)
+    families = {f.name: f.samples[0].value for f in config.collect()}
+    assert families["llama_speed_web_config_reload_success"] == 0.0
+    assert "is empty" in capfd.readouterr().out
+    # Written again, with users: taken.
+    write_web_config(web, {"basic_auth_users": {"b": bcrypt_hash("x")}})
+    clock.now += 1
+    assert set(config.current().users) == {"b"} and config.reload_success is True
+
+
+def test_a_file_empty_from_the_start_may_be_written_empty_again(tmp_path: Path) -> None:
+    clock = Clock()
+    web = write_web_config(tmp_path / "web.yml", "")
+    config = ReloadableWebConfig(web, monotonic=clock, wall=clock)
+    write_web_config(web, "\n")  # a new signature, the same meaning
+    clock.now += 1
+    assert dict(config.current().users) == {} and config.reload_success is True
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/", "metrics"])
+def test_the_telemetry_path_cannot_be_an_open_path(path: str) -> None:
+    with pytest.raises(ConfigError, match=r"^web\.telemetry_path: "):
+        parse(["--web.telemetry-path", path])
+
+
+def test_an_open_telemetry_path_exits_2_with_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_SPEED_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "--web.telemetry-path", "/healthz", "--config.check"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("llama-speed-exporter: config error: web.telemetry_path: ")
+    assert done.stderr.count("\n") == 1
 
 
 def test_tls_cannot_be_turned_off_by_a_reload(tls_dir: Path) -> None:

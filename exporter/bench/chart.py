@@ -10,11 +10,13 @@ matplotlib is an optional dependency, imported only when a chart is written.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
+from exporter.bench.files import write_private
 from exporter.bench.record import BenchRecord, RunRecord
 from exporter.bench.units import ctx_label
 from exporter.probe.results import Kind
@@ -27,7 +29,11 @@ XAxis = Literal["context", "depth"]
 
 FIGSIZE_INCHES: Final = (11.0, 4.5)
 DPI: Final = 100
-MISSING_MATPLOTLIB: Final = "the chart needs matplotlib: pip install 'llama-speed-exporter[bench]'"
+# The package is installed from a checkout, not from PyPI: name what pip can install anywhere.
+MISSING_MATPLOTLIB: Final = (
+    "the chart needs matplotlib: pip install 'matplotlib>=3.8,<4' "
+    "(or, in the checkout, pip install '.[bench]')"
+)
 
 _PANELS: Final[tuple[tuple[Kind, str], ...]] = (
     ("prompt", "Prompt processing (PP)"),
@@ -84,7 +90,9 @@ def write_chart(records: Sequence[BenchRecord], path: Path) -> None:
     for ax, (kind, title) in zip(axes, _PANELS, strict=True):
         _draw_panel(ax, title, [s for s in series if s.kind == kind])
     # Without the Software entry the PNG holds no matplotlib version: same data, same bytes.
-    figure.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=DPI, metadata={"Software": None})
+    write_private(path, png.getvalue())
 
 
 def _unique_labels(records: Sequence[BenchRecord]) -> list[str]:

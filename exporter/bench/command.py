@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -12,18 +13,20 @@ from pathlib import Path
 from typing import Final
 
 import structlog
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from exporter import log
 from exporter.bench.chart import ChartUnavailableError, write_chart
-from exporter.bench.compare import compare_markdown
-from exporter.bench.launch import ServerCommand, ServerCommandError, resolve_executable
+from exporter.bench.compare import compare_data, compare_markdown
+from exporter.bench.files import make_private_dir, write_private
+from exporter.bench.launch import ServerCommand, ServerCommandError
 from exporter.bench.progress import display
 from exporter.bench.record import BenchFileError, BenchRecord, PlanRecord, load
 from exporter.bench.report import render_report, summary_table
-from exporter.bench.sweep import Bench, BenchSettings
+from exporter.bench.sweep import Bench, BenchSettings, probe_plans
 from exporter.gpu.nvml import Nvml
 from exporter.probe.plan import MeasurePlan
+from exporter.safe_argparse import SafeArgumentParser
 
 EXIT_OK: Final = 0
 EXIT_NOT_ALL_STABLE: Final = 1
@@ -71,14 +74,15 @@ def _positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SafeArgumentParser(
         prog=f"{prog} bench",
-        allow_abbrev=False,
         description="Benchmark llama-server's PP and TG speed, VRAM and KV cache across "
         "context sizes, and write a Markdown report, JSON with every sample and a chart.",
     )
-    sub = parser.add_subparsers(dest="bench_command", required=True)
-    run = sub.add_parser("run", allow_abbrev=False, help="run a bench (the default)")
+    sub = parser.add_subparsers(
+        dest="bench_command", required=True, parser_class=SafeArgumentParser
+    )
+    run = sub.add_parser("run", help="run a bench (the default)")
     mode = run.add_mutually_exclusive_group(required=True)
     mode.add_argument("--target", metavar="URL", help="benchmark this running llama-server")
     mode.add_argument(
@@ -155,7 +159,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     compare.add_argument("a", type=Path, metavar="A.json")
     compare.add_argument("b", type=Path, metavar="B.json")
-    compare.add_argument("-o", "--out", type=Path, metavar="FILE", help="write Markdown here")
+    compare.add_argument(
+        "--format",
+        choices=("markdown", "json"),
+        default="markdown",
+        help="the table (default), or the same comparison as JSON",
+    )
+    compare.add_argument("-o", "--out", type=Path, metavar="FILE", help="write it here")
     report = sub.add_parser(
         "report", allow_abbrev=False, help="render a bench result's Markdown report again"
     )
@@ -188,6 +198,16 @@ def main(argv: Sequence[str], prog: str) -> int:
     return _run(args, settings)
 
 
+# The flag each MeasurePlan field of a bench comes from, to name it in an error.
+_PLAN_FLAGS: Final = {
+    "timeout": "--probe-timeout",
+    "prompt_tokens": "-p/--prompt-tokens",
+    "generation_tokens": "-n/--generation-tokens",
+    "depths": "-d/--depths",
+    "repetitions": "-r/--repetitions",
+}
+
+
 def _settings(args: argparse.Namespace) -> BenchSettings:
     if args.target is None and args.ctx is None:
         ctxs: tuple[int | None, ...] = (None,)
@@ -198,13 +218,11 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
     command = None
     if args.server_cmd is not None:
         command = ServerCommand.parse(args.server_cmd)
-        resolve_executable(command.argv[0])  # a typo fails now, not once per context
+        command.program()  # a typo fails now, not once per context
     api_key = None
     if args.api_key_file is not None:
         api_key = SecretStr(args.api_key_file.read_text(encoding="utf-8").strip())
     out = args.out or Path(f"bench-{datetime.now(UTC):%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
-    args.out = out
     plan = PlanRecord(
         prompt_tokens=args.prompt_tokens,
         generation_tokens=args.generation_tokens,
@@ -212,7 +230,7 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         repetitions=args.repetitions,
         warmup=not args.no_warmup,
     )
-    return BenchSettings(
+    settings = BenchSettings(
         plan=plan,
         probe_timeout=args.probe_timeout,
         load_timeout=args.load_timeout,
@@ -223,6 +241,22 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         target=args.target,
         api_key=api_key,
     )
+    _check_plans(settings)
+    # Last: a refused command leaves no output directory behind.
+    make_private_dir(out)
+    args.out = out
+    return settings
+
+
+def _check_plans(settings: BenchSettings) -> None:
+    """The rounds the runs will measure, built now: a value the probes refuse (past one of
+    MeasurePlan's bounds) is a usage error naming its flag, not a traceback after a load."""
+    try:
+        probe_plans(settings, settings.plan.depths)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        raise ValueError(f"{_PLAN_FLAGS.get(field, field)}: {first['msg']}") from None
 
 
 def _interrupt_on_sigterm() -> None:
@@ -233,14 +267,14 @@ def _interrupt_on_sigterm() -> None:
 
 def _run(args: argparse.Namespace, settings: BenchSettings) -> int:
     out: Path = args.out
-    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.log_dir)
     interactive = sys.stderr.isatty() and args.log_format == "console"
     progress = display(interactive=interactive)
     nvml = None if args.no_gpu else Nvml()
 
     def write(record: BenchRecord) -> None:
         record.save(out / RESULTS_JSON)
-        (out / REPORT_MD).write_text(render_report(record, json_name=RESULTS_JSON), "utf-8")
+        write_private(out / REPORT_MD, render_report(record, json_name=RESULTS_JSON))
 
     _interrupt_on_sigterm()
     with progress:
@@ -271,10 +305,14 @@ def _run(args: argparse.Namespace, settings: BenchSettings) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     try:
-        text = compare_markdown(load(args.a), load(args.b))
+        a, b = load(args.a), load(args.b)
     except BenchFileError as exc:
         print(f"bench compare: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.format == "json":
+        text = json.dumps(compare_data(a, b), indent=2, ensure_ascii=False) + "\n"
+    else:
+        text = compare_markdown(a, b)
     return _emit(text, args.out)
 
 
@@ -289,7 +327,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _emit(text: str, out: Path | None) -> int:
     if out is not None:
-        out.write_text(text, encoding="utf-8")
+        write_private(out, text)
     else:
         print(text, end="")
     return EXIT_OK

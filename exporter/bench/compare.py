@@ -17,9 +17,14 @@ When no stable run has GPU figures (no NVML: CPU only, or another vendor's GPU) 
 have the server's resident memory, the column is "RSS (GiB)" instead: the closest figure to what
 the model costs there. Otherwise it stays "VRAM (GiB)", all "n/a".
 
+A run that host load disturbed (`HostLoadRecord.disturbed`: other processes' CPU time or steal
+past their limits) keeps its figures and its verdicts, since the statistics are the same, but each
+difference on its row reads "untrustworthy", the row's status names the disturbed run, and a
+list under the table says why. Runs recorded without host load are not judged.
+
 Contexts read "32k" when they are a whole number of 1024 tokens (how -c values are given) and
 with thousands separators otherwise ("1,000"). The output depends on the records only, so it can
-be compared with a golden file.
+be compared with a golden file. `compare_data` is the same comparison as JSON-ready data.
 """
 
 from __future__ import annotations
@@ -27,15 +32,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from exporter.bench.record import STATUS_TEXT, BenchRecord, RunRecord
+from exporter.bench.record import (
+    OTHER_CORES_LIMIT,
+    STATUS_TEXT,
+    STEAL_PERCENT_LIMIT,
+    BenchRecord,
+    RunRecord,
+)
+from exporter.bench.report import DISTURBED
 from exporter.bench.stats import differs
 from exporter.bench.units import GIB, MIB, ctx_label, speed
 from exporter.probe.results import Kind
 from exporter.probe.stats import TestStats, test_name
 
 ABSENT: Final = "—"
+UNTRUSTWORTHY: Final = "untrustworthy"
+COMPARE_SCHEMA: Final = "llama-speed-exporter/bench-compare/v1"
 
 Verdict = Literal["significant", "within noise", "noise unknown"]
 # (depth, is generation, tokens): sorting by it gives llama-bench's order, pp before tg per depth.
@@ -79,12 +93,18 @@ def compare_markdown(
         "Status",
     ]
     rows: list[list[str]] = []
+    warnings: list[str] = []
     for key in sorted(runs_a.keys() | runs_b.keys(), key=_context_order):
         ra, rb = runs_a.get(key), runs_b.get(key)
         ctx = _context_cell(key)
         rows.append([ctx, na, *_run_cells(ra, tests, memory)])
         rows.append([ctx, nb, *_run_cells(rb, tests, memory)])
         rows.append([ctx, "B vs A", *_difference_cells(ra, rb, tests, memory)])
+        warnings += [
+            f"- {ctx}, {side} ({name}): {'; '.join(run.disturbed)}"
+            for side, name, run in (("A", na, ra), ("B", nb, rb))
+            if run is not None and run.disturbed
+        ]
     body = _table(header, rows) if rows else "Neither file has a run."
     parts = [
         f"## Comparison: {na} vs {nb}",
@@ -92,7 +112,111 @@ def compare_markdown(
         body,
         LEGEND,
     ]
+    if warnings:
+        parts.append(
+            "**⚠️ Disturbed by host load**: on these runs other processes or the hypervisor took "
+            f"CPU time past the limits (other processes {OTHER_CORES_LIMIT:g} cores on average, "
+            f"steal {STEAL_PERCENT_LIMIT:g} %), so their differences are *untrustworthy*, "
+            "however significant: measure them again on a quiet host.\n\n" + "\n".join(warnings)
+        )
     return "\n\n".join(parts) + "\n"
+
+
+def compare_data(
+    a: BenchRecord, b: BenchRecord, *, name_a: str | None = None, name_b: str | None = None
+) -> dict[str, Any]:
+    """The comparison as data for `bench compare --format json`: the same pairs and verdicts."""
+    na, nb = _names(a, b, name_a, name_b)
+    runs_a, runs_b = _by_context(a.runs), _by_context(b.runs)
+    tests = _test_columns(a, b)
+    memory = _memory_column(a, b)
+    contexts = []
+    for key in sorted(runs_a.keys() | runs_b.keys(), key=_context_order):
+        ra, rb = runs_a.get(key), runs_b.get(key)
+        comparable = _comparable(ra, rb)
+        disturbed = [
+            {"run": side, "name": name, "why": list(run.disturbed)}
+            for side, name, run in (("A", na, ra), ("B", nb, rb))
+            if run is not None and run.disturbed
+        ]
+        contexts.append(
+            {
+                "context": key[0],
+                "occurrence": key[1] + 1,
+                "a": _run_data(ra),
+                "b": _run_data(rb),
+                "comparable": comparable,
+                "tests": [_test_data(k, ra, rb, comparable) for k in tests],
+                "memory": _memory_data(memory, ra, rb, comparable),
+                "kv_cache": _memory_data(_KV_COLUMN, ra, rb, comparable),
+                "disturbed": disturbed,
+                "trustworthy": comparable and not disturbed,
+            }
+        )
+    return {
+        "schema": COMPARE_SCHEMA,
+        "a": _record_data(na, a),
+        "b": _record_data(nb, b),
+        "limits": {
+            "other_cores": OTHER_CORES_LIMIT,
+            "steal_percent": STEAL_PERCENT_LIMIT,
+        },
+        "contexts": contexts,
+    }
+
+
+def _record_data(name: str, record: BenchRecord) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": record.label,
+        "llama_cpp_build": record.llama_cpp_build,
+        "started_at": record.started_at,
+        "mode": record.mode,
+        "interrupted": record.interrupted,
+    }
+
+
+def _run_data(run: RunRecord | None) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return {
+        "status": run.status,
+        "reason": run.reason,
+        "host_load": run.host_load.model_dump(mode="json") if run.host_load else None,
+        "disturbed": list(run.disturbed),
+    }
+
+
+def _test_data(
+    key: TestKey, ra: RunRecord | None, rb: RunRecord | None, comparable: bool
+) -> dict[str, Any]:
+    # Figures of stable runs only, as in the table: the others do not measure the same thing.
+    sa = _tests_of(ra).get(key) if ra is not None and ra.status == "stable" else None
+    sb = _tests_of(rb).get(key) if rb is not None and rb.status == "stable" else None
+    change: float | None = None
+    judged: Verdict | None = None
+    if comparable and sa is not None and sb is not None:
+        change, judged = relative_change_percent(sa.mean, sb.mean), verdict(sa, sb)
+    return {
+        "test": _test_title(key),
+        "a": _stats_data(sa),
+        "b": _stats_data(sb),
+        "change_percent": change,
+        "verdict": judged,
+    }
+
+
+def _stats_data(stats: TestStats | None) -> dict[str, Any] | None:
+    return None if stats is None else {"mean": stats.mean, "sd": stats.sd, "n": stats.n}
+
+
+def _memory_data(
+    memory: _Memory, ra: RunRecord | None, rb: RunRecord | None, comparable: bool
+) -> dict[str, Any]:
+    va = memory.bytes_of(ra) if ra is not None and ra.status == "stable" else None
+    vb = memory.bytes_of(rb) if rb is not None and rb.status == "stable" else None
+    difference = vb - va if comparable and va is not None and vb is not None else None
+    return {"figure": memory.title, "a_bytes": va, "b_bytes": vb, "difference_bytes": difference}
 
 
 @dataclass(frozen=True)
@@ -205,30 +329,38 @@ def _run_cells(run: RunRecord | None, tests: list[TestKey], memory: list[_Memory
         return [*blanks, f"{status}: {run.reason}" if run.reason else status]
     measured = _tests_of(run)
     speeds = [_speed(measured.get(key)) for key in tests]
-    return [*speeds, *(m.cell(run) for m in memory), STATUS_TEXT["stable"]]
+    status = STATUS_TEXT["stable"] + (f", {DISTURBED}" if run.disturbed else "")
+    return [*speeds, *(m.cell(run) for m in memory), status]
+
+
+def _comparable(ra: RunRecord | None, rb: RunRecord | None) -> bool:
+    return ra is not None and rb is not None and ra.status == rb.status == "stable"
 
 
 def _difference_cells(
     ra: RunRecord | None, rb: RunRecord | None, tests: list[TestKey], memory: list[_Memory]
 ) -> list[str]:
-    if ra is None or rb is None or ra.status != "stable" or rb.status != "stable":
+    if ra is None or rb is None or not _comparable(ra, rb):
         return [*([ABSENT] * (len(tests) + len(memory))), "not comparable"]
+    sides = [side for side, run in (("A", ra), ("B", rb)) if run.disturbed]
     ta, tb = _tests_of(ra), _tests_of(rb)
-    speeds = [_speed_difference(ta.get(key), tb.get(key)) for key in tests]
-    return [*speeds, *(m.difference(ra, rb) for m in memory), ""]
+    speeds = [_speed_difference(ta.get(key), tb.get(key), trusted=not sides) for key in tests]
+    status = f"{DISTURBED}: {' and '.join(sides)}" if sides else ""
+    return [*speeds, *(m.difference(ra, rb) for m in memory), status]
 
 
 def _speed(stats: TestStats | None) -> str:
     return ABSENT if stats is None else speed(stats)
 
 
-def _speed_difference(a: TestStats | None, b: TestStats | None) -> str:
+def _speed_difference(a: TestStats | None, b: TestStats | None, *, trusted: bool) -> str:
     if a is None or b is None:
         return ABSENT
+    judged = verdict(a, b) + ("" if trusted else f", {UNTRUSTWORTHY}")
     change = relative_change_percent(a.mean, b.mean)
     if change is None:
-        return f"n/a ({verdict(a, b)})"
-    return f"{_signed(change, 1)} % ({verdict(a, b)})"
+        return f"n/a ({judged})"
+    return f"{_signed(change, 1)} % ({judged})"
 
 
 def _signed(value: float, digits: int) -> str:

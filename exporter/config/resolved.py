@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from exporter.kv.facts import KvOverrides
+from exporter.llama.limits import RequestLimits
 from exporter.probe.plan import MeasurePlan
 from exporter.schedule.plan import Schedule
 
@@ -19,6 +20,8 @@ class Target:
     api_key: SecretStr | None = field(default=None, repr=False)
     plan: MeasurePlan = field(default_factory=MeasurePlan)
     schedule: Schedule = field(default_factory=Schedule)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    proxy: str | None = None  # for this target's traffic only; the environment's is ignored
     pid_file: Path | None = None
     process_name: str | None = None
     kv: KvOverrides = field(default_factory=KvOverrides)

@@ -40,6 +40,7 @@ from exporter.config.errors import ConfigError
 from exporter.config.resolved import Config, Target
 from exporter.host.address import port_of
 from exporter.kv.facts import KvOverrides
+from exporter.llama.limits import RequestLimits
 from exporter.probe.plan import MeasurePlan, split_list
 from exporter.schedule.plan import Schedule
 
@@ -48,7 +49,7 @@ DEFAULT_TARGET_URL = "http://127.0.0.1:8080"
 # 18088 lies outside the 9100-10xxx block of Prometheus' default port allocations.
 DEFAULT_LISTEN_ADDRESS = ":18088"
 # The plan models whose fields make up a `probe` section, in the order flags list them.
-PROBE_MODELS: tuple[type[BaseModel], ...] = (Schedule, MeasurePlan)
+PROBE_MODELS: tuple[type[BaseModel], ...] = (Schedule, MeasurePlan, RequestLimits)
 
 
 class _Strict(BaseModel):
@@ -89,6 +90,9 @@ class TargetFields(_Strict):
     api_key: SecretStr | None = None
     api_key_env: str | None = None
     api_key_file: Path | None = None
+    # Target traffic ignores HTTP_PROXY and the like (they would receive the API key): a
+    # proxy is used only where a target names one.
+    proxy: str | None = None
     # How to find the server's process on this host, for its share of GPU memory. Without
     # either, a target on a loopback address or this host's name is found by its port.
     pid_file: Path | None = None
@@ -215,14 +219,20 @@ def _error_key(prefix: str, error: Any) -> str:
     return ".".join([prefix, *(str(part) for part in error["loc"])])
 
 
-def resolve_probe(layers: Sequence[BaseModel], key: str = "probe") -> tuple[MeasurePlan, Schedule]:
-    """The plan and schedule of `layers` (the global section, then a target's) over defaults."""
+def resolve_probe(
+    layers: Sequence[BaseModel], key: str = "probe"
+) -> tuple[MeasurePlan, Schedule, RequestLimits]:
+    """The plan, schedule and request limits of `layers` (the global section, then a
+    target's) over the defaults."""
     values: dict[str, Any] = {}
     for layer in layers:
         values.update(layer.model_dump(exclude_none=True))
     try:
         schedule = Schedule(**{k: v for k, v in values.items() if k in Schedule.model_fields})
         plan = MeasurePlan(**{k: v for k, v in values.items() if k in MeasurePlan.model_fields})
+        limits = RequestLimits(
+            **{k: v for k, v in values.items() if k in RequestLimits.model_fields}
+        )
     except ValidationError as exc:
         error = exc.errors()[0]
         raise ConfigError(_error_key(key, error), _message(error)) from None
@@ -240,10 +250,12 @@ def resolve_probe(layers: Sequence[BaseModel], key: str = "probe") -> tuple[Meas
             f"{schedule.discovery_interval:g} s must not exceed the probe interval "
             f"({schedule.interval:g} s)",
         )
-    return plan, schedule
+    return plan, schedule, limits
 
 
 def _check_url(url: str, key: str) -> str:
+    if not url.isascii() or not url.isprintable():
+        raise ConfigError(key, "must be a URL of printable ASCII characters (percent-encode)")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(key, f"{url!r} is not an http:// or https:// URL with a host")
@@ -267,7 +279,16 @@ def _read_key_file(path: Path, key: str) -> SecretStr:
     keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not keys:
         raise ConfigError(key, f"{path} holds no API key")
-    return SecretStr(keys[0])
+    return _checked_key(SecretStr(keys[0]), key)
+
+
+def _checked_key(secret: SecretStr, key: str) -> SecretStr:
+    """An API key travels in an HTTP header: printable ASCII only. Said here, once, rather
+    than as an encoding error at the first request; the message never shows the key."""
+    value = secret.get_secret_value()
+    if not value.isascii() or not value.isprintable() or value != value.strip():
+        raise ConfigError(key, "the API key must be printable ASCII without spaces at its ends")
+    return secret
 
 
 def _resolve_key(t: TargetFields, settings: Settings, key: str) -> SecretStr | None:
@@ -275,14 +296,14 @@ def _resolve_key(t: TargetFields, settings: Settings, key: str) -> SecretStr | N
     if len(given) > 1:
         raise ConfigError(key, f"set only one of {', '.join(given)}")
     if t.api_key is not None:
-        return t.api_key
+        return _checked_key(t.api_key, f"{key}.api_key")
     if t.api_key_env is not None:
         value = os.environ.get(t.api_key_env)
         if not value:
             raise ConfigError(
                 f"{key}.api_key_env", f"environment variable {t.api_key_env} is unset"
             )
-        return SecretStr(value)
+        return _checked_key(SecretStr(value), f"{key}.api_key_env")
     if t.api_key_file is not None:
         return _read_key_file(t.api_key_file, f"{key}.api_key_file")
     return _global_key(settings)
@@ -293,7 +314,7 @@ def _global_key(settings: Settings) -> SecretStr | None:
         raise ConfigError("api_key", "set only one of api_key, api_key_file")
     if settings.api_key_file is not None:
         return _read_key_file(settings.api_key_file, "api_key_file")
-    return settings.api_key
+    return None if settings.api_key is None else _checked_key(settings.api_key, "api_key")
 
 
 def resolve(settings: Settings) -> Config:
@@ -312,7 +333,7 @@ def resolve(settings: Settings) -> Config:
     targets: list[Target] = []
     for t, key in zip(fields, keys, strict=True):
         url = _check_url(t.url, f"{key}.url" if key.startswith("targets") else key)
-        plan, schedule = resolve_probe([settings.probe, t.probe], f"{key}.probe")
+        plan, schedule, limits = resolve_probe([settings.probe, t.probe], f"{key}.probe")
         targets.append(
             Target(
                 name=t.name or default_target_name(url),
@@ -320,6 +341,8 @@ def resolve(settings: Settings) -> Config:
                 api_key=_resolve_key(t, settings, key),
                 plan=plan,
                 schedule=schedule,
+                limits=limits,
+                proxy=None if t.proxy is None else _check_url(t.proxy, f"{key}.proxy"),
                 pid_file=t.pid_file,
                 process_name=t.process_name,
                 kv=KvOverrides(t.model_path, t.cache_type_k, t.cache_type_v, t.kv_unified),
@@ -331,8 +354,7 @@ def resolve(settings: Settings) -> Config:
             raise ConfigError(f"{keys[i]}.name", f"duplicate target name {name!r}")
 
     _check_listen_address(settings.web.listen_address)
-    if not settings.web.telemetry_path.startswith("/") or settings.web.telemetry_path == "/":
-        raise ConfigError("web.telemetry_path", "must be a path like /metrics")
+    _check_telemetry_path(settings.web.telemetry_path)
     return Config(
         targets=tuple(targets),
         listen_address=settings.web.listen_address,
@@ -349,6 +371,16 @@ def split_listen_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{address!r} is not HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - exporters listen on all
+
+
+def _check_telemetry_path(path: str) -> None:
+    if not path.startswith("/") or path == "/":
+        raise ConfigError("web.telemetry_path", "must be a path like /metrics")
+    if path == "/healthz":
+        # The health check answers without basic auth (exporter.web.webconfig.secure_app):
+        # metrics there would be served to anyone.
+        problem = "/healthz is the health check's path, open without basic auth; use /metrics"
+        raise ConfigError("web.telemetry_path", problem)
 
 
 def _check_listen_address(address: str) -> None:

@@ -21,8 +21,10 @@ What the exporter can see is bounded by the namespaces it runs in:
 - another network namespace: /proc/net/tcp lists only the exporter's own namespace's sockets,
   so a port lookup needs the server's network (host network, or the same pod) or reports
   `not_listening`; use the pid file or the name instead.
-- another user: reading /proc/<pid>/fd and /proc/<pid>/environ needs the same uid, root or
-  CAP_SYS_PTRACE; without it a port lookup reports `not_visible` and `read_environ` None.
+- another user: /proc/<pid>/fd is a 0500 directory of that user (listing it needs the same
+  uid, root or CAP_DAC_READ_SEARCH) whose links, like /proc/<pid>/environ and cwd, also need
+  ptrace read access (the same uid, or CAP_SYS_PTRACE); without them a port lookup reports
+  `not_visible`, and `read_environ` and `read_cwd` None.
 In each case the GPU collector emits no per-process series for the target, and the lookup's
 reason says why; GPU-wide series are unaffected.
 """
@@ -34,6 +36,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
+
+from exporter.host.files import open_regular
 
 PROC: Final = Path("/proc")
 
@@ -52,6 +56,8 @@ LookupReason = Literal[
 _TCP_LISTEN: Final = "0A"  # include/net/tcp_states.h: TCP_LISTEN = 10
 # The kernel keeps a task's comm to TASK_COMM_LEN - 1 characters.
 _COMM_LEN: Final = 15
+# A pid and a newline; more than this is not a pid file, and is not read into memory.
+_PID_FILE_MAX_BYTES: Final = 64
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,9 @@ def find_listening_pid(port: int, *, proc_root: Path = PROC) -> ProcessLookup:
 
 def read_pid_file(path: Path, *, proc_root: Path = PROC) -> ProcessLookup:
     try:
-        text = path.read_text(encoding="ascii", errors="replace").strip()
+        # Written by whatever started the server, so possibly a FIFO: opened only if regular.
+        with open_regular(path) as f:
+            text = f.read(_PID_FILE_MAX_BYTES).decode("ascii", errors="replace").strip()
     except OSError:
         return ProcessLookup(None, "pid_file", "pid_file_unreadable")
     if not text.isdigit() or int(text) <= 0:
@@ -146,6 +154,18 @@ def read_environ(pid: int, *, proc_root: Path = PROC) -> dict[str, str] | None:
     return env
 
 
+def read_cwd(pid: int, *, proc_root: Path = PROC) -> Path | None:
+    """The working directory of `pid`, against which its relative paths (`-m model.gguf`)
+    resolve; None if it is gone or not ours to read (the link needs the same uid as
+    /proc/<pid>/environ does)."""
+    try:
+        target = os.readlink(proc_root / str(pid) / "cwd")
+    except OSError:
+        return None
+    # The kernel writes an absolute path; anything else (a fake tree's slip) is not one to join.
+    return Path(target) if os.path.isabs(target) else None
+
+
 def process_group(pgid: int, *, proc_root: Path = PROC) -> set[int]:
     """Every process in group `pgid`: a server command may be a wrapper that forks the server."""
     pids = set()
@@ -174,6 +194,9 @@ def rss_bytes(pids: Iterable[int], *, proc_root: Path = PROC) -> int | None:
 
 
 def _read_bytes(path: Path) -> bytes | None:
+    # Only procfs files come here, read synchronously: the kernel generates them from the
+    # process table, they cannot be a FIFO, a device or on a network mount, and a read never
+    # waits on anything but the kernel. Files a server names go through exporter.host.files.
     # PermissionError (another user's environ), FileNotFoundError (the process exited) and the
     # rest alike: the caller can only do without the value.
     try:

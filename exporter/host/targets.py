@@ -37,6 +37,15 @@ class TargetProcesses:
         self._next_lookup: dict[str, float] = {t.name: 0.0 for t in targets}
         self._last_reason: dict[str, str | None] = {}
         self._lock = threading.Lock()
+        # Worked out once, here: whether a URL names this host may take a DNS lookup
+        # (socket.getfqdn), which must not run on the event loop, where a resolver that does
+        # not answer would also hold up the handling of SIGTERM.
+        self._ports = {t.name: local_port(t.url) for t in targets}
+
+    @property
+    def proc_root(self) -> Path:
+        """Where the processes' /proc entries are read: their argv, environment, cwd too."""
+        return self._proc
 
     def pids(self) -> dict[str, int | None]:
         # Scrapes (web threads) and discovery (the event loop) both ask.
@@ -67,7 +76,7 @@ class TargetProcesses:
 
     def _lookup(self, t: Target) -> ProcessLookup:
         return find_server_pid(
-            port=local_port(t.url),
+            port=self._ports[t.name],
             pid_file=t.pid_file,
             name=t.process_name,
             proc_root=self._proc,

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from exporter.kv.gguf_meta import GGML_TYPES_BY_NAME, GgmlType, MetaValue, ModelMeta
+from exporter.kv.gguf_meta import (
+    GGML_TYPES_BY_NAME,
+    GgmlType,
+    MetaValue,
+    ModelMeta,
+    shown_name,
+    shown_value,
+)
 
 # common/arg.cpp kv_cache_types: what -ctk/-ctv accept.
 CACHE_TYPE_NAMES: Final = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
@@ -53,7 +60,9 @@ class UnknownArchitecture(KvCacheError):  # noqa: N818  # the name the issue ask
     def __init__(self, arch: str) -> None:
         self.arch = arch
         supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-        super().__init__(f"no KV-cache rules for architecture {arch!r} (supported: {supported})")
+        super().__init__(
+            f"no KV-cache rules for architecture {shown_name(arch)} (supported: {supported})"
+        )
 
 
 class UnknownCacheTypeError(KvCacheError):
@@ -421,7 +430,7 @@ class _GeometryReader:
                 raise self._error(f"required key {key} is missing")
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self._error(f"{key} is {value!r}, not an integer")
+            raise self._error(f"{key} is {shown_value(value)}, not an integer")
         if value < 0:
             raise self._error(f"{key} is negative ({value})")
         return value
@@ -441,7 +450,7 @@ class _GeometryReader:
     def _layer_int(self, key: str, value: MetaValue) -> int:
         # llama.cpp reads bool arrays into integer arrays as 0/1.
         if not isinstance(value, int) or value < 0:
-            raise self._error(f"{key} has entry {value!r}, not a non-negative integer")
+            raise self._error(f"{key} has entry {shown_value(value)}, not a non-negative integer")
         return int(value)
 
     def read(self) -> KvGeometry:

@@ -6,7 +6,6 @@ do not change while the same server serves the same model.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -68,23 +67,36 @@ class FactsError(Exception):
         self.detail = detail
 
 
+def served_model_path(model_path: str, server_cwd: Path | None) -> Path:
+    """Where the served model is, seen from here: llama-server reports `-m` as it was given,
+    and a relative path is relative to the server's working directory, not the exporter's.
+    Without that directory (the process is not visible) the path is taken as it stands."""
+    path = Path(model_path)
+    if server_cwd is not None and not path.is_absolute():
+        return server_cwd / path
+    return path
+
+
 def model_facts(
     info: ServerInfo,
     overrides: KvOverrides,
     argv: list[str] | None,
     environ: dict[str, str] | None,
+    *,
+    server_cwd: Path | None = None,
 ) -> ModelFacts:
     """The one mapping from a served model and its server's options to its KV cache.
 
     /metrics, `bench` and the tests that compare with llama-server's own log all use it.
+    `server_cwd` is the server process's working directory, for a relative model path.
     Raises FactsError with one of KV_REASONS.
     """
-    path = overrides.model_path or Path(info.model_path)
+    path = overrides.model_path or served_model_path(info.model_path, server_cwd)
     try:
         meta = read_model_meta(path)
     except ModelFileError as exc:
-        unreadable = not path.is_file() or not os.access(path, os.R_OK)
-        raise FactsError(MODEL_UNREADABLE if unreadable else MODEL_INVALID, str(exc)) from None
+        reason = MODEL_UNREADABLE if exc.unreadable else MODEL_INVALID
+        raise FactsError(reason, str(exc)) from None
     args: KvServerArgs | None = None
     if argv is not None:
         try:

@@ -8,18 +8,25 @@ module reads it sequentially in chunks and stops where the tensor data begins.
 
 The checks mirror llama.cpp b11434's `gguf_init_from_file_impl` (`ggml/src/gguf.cpp`), so a file
 that llama-server would refuse is refused here too, with a message that says why.
+
+The path comes from llama-server (`/props`), so the file is opened only if it is a regular file
+(`exporter.host.files`), and what it holds never reaches a message: no bytes, and its keys,
+tensor and architecture names only when they are plain short names (`shown_name`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO, Final, TypeAlias
+
+from exporter.host.files import NotRegularFileError, open_regular
 
 MetaScalar: TypeAlias = int | float | bool | str
 # llama.cpp rejects nested arrays, so an array value is always a flat tuple of scalars.
@@ -31,14 +38,39 @@ _DEFAULT_ALIGNMENT: Final = 32
 _MAX_DIMS: Final = 4  # GGML_MAX_DIMS
 # Large enough that a header is a handful of reads, small enough not to drag tensor data in.
 _CHUNK: Final = 1 << 20
+# What a key, tensor or architecture name may be to appear in a message: llama.cpp's own names
+# (`llama.block_count`, `blk.0.attn_q.weight`, `gpt-oss`) all are.
+_PLAIN_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def shown_name(name: str) -> str:
+    """`name` quoted for a message if it is a plain name, else only its length: a crafted
+    file must not write into the exporter's log (control characters, megabytes of text)."""
+    if _PLAIN_NAME.fullmatch(name):
+        return repr(name)
+    return f"<a {len(name)}-character name>"
+
+
+def shown_value(value: MetaValue) -> str:
+    """A metadata value for a message: numbers as they are, strings and arrays by size."""
+    if isinstance(value, str):
+        return f"a {len(value)}-character string"
+    if isinstance(value, tuple):
+        return f"an array of {len(value)}"
+    return repr(value)
 
 
 class ModelFileError(Exception):
-    """The file is missing, unreadable, not GGUF, truncated or malformed."""
+    """The file is missing, unreadable, not GGUF, truncated or malformed.
 
-    def __init__(self, path: Path | str, reason: str) -> None:
+    `unreadable`: it could not be opened or read (or is not a regular file), as opposed to read
+    and found wrong; told here, where it is known, rather than by a stat of the path later.
+    """
+
+    def __init__(self, path: Path | str, reason: str, *, unreadable: bool = False) -> None:
         self.path = Path(path)
         self.reason = reason
+        self.unreadable = unreadable
         super().__init__(f"{path}: {reason}")
 
 
@@ -154,21 +186,23 @@ class ModelMeta:
 def read_model_meta(path: Path) -> ModelMeta:
     """Parse the GGUF header of `path`.
 
-    Raises ModelFileError for a missing or unreadable file and for anything llama.cpp would
-    refuse to load (bad magic, unknown version or type, truncation, inconsistent offsets).
+    Raises ModelFileError for a missing or unreadable file, for anything but a regular file
+    (never blocking on a FIFO or a device), and for anything llama.cpp would refuse to load
+    (bad magic, unknown version or type, truncation, inconsistent offsets). A hung mount can
+    still block it in the kernel: the daemon calls it through `exporter.host.blocking`.
     """
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             file_size = os.fstat(f.fileno()).st_size
             return _HeaderParser(f, path, file_size).parse()
     except FileNotFoundError:
-        raise ModelFileError(path, "file not found") from None
-    except IsADirectoryError:
-        raise ModelFileError(path, "is a directory, not a GGUF file") from None
+        raise ModelFileError(path, "file not found", unreadable=True) from None
+    except NotRegularFileError as exc:
+        raise ModelFileError(path, f"is {exc.kind}, not a GGUF file", unreadable=True) from None
     except PermissionError:
-        raise ModelFileError(path, "permission denied") from None
+        raise ModelFileError(path, "permission denied", unreadable=True) from None
     except OSError as exc:
-        raise ModelFileError(path, f"cannot read: {exc.strerror or exc}") from None
+        raise ModelFileError(path, f"cannot read: {exc.strerror or exc}", unreadable=True) from None
 
 
 # GGUF value type ids and how one element of each is stored (little-endian).
@@ -247,25 +281,26 @@ class _HeaderParser:
         return n
 
     def _value(self, vtype: int, key: str) -> MetaValue:
+        shown = shown_name(key)
         if vtype == _STRING:
-            return self._string(f"the value of {key!r}")
+            return self._string(f"the value of {shown}")
         if vtype == _ARRAY:
-            etype = self._u32(f"the element type of {key!r}")
-            n = self._u64(f"the length of {key!r}")
+            etype = self._u32(f"the element type of {shown}")
+            n = self._u64(f"the length of {shown}")
             if etype == _STRING:
-                self._count(n, 8, f"array {key!r}")
-                return tuple(self._string(f"element {i} of {key!r}") for i in range(n))
+                self._count(n, 8, f"array {shown}")
+                return tuple(self._string(f"element {i} of {shown}") for i in range(n))
             fmt = _SCALAR_FORMATS.get(etype)
             if fmt is None:
                 # Nested arrays are valid in the GGUF spec but llama.cpp refuses them.
-                raise self._error(f"key {key!r} has an array of unsupported type {etype}")
+                raise self._error(f"key {shown} has an array of unsupported type {etype}")
             size = struct.calcsize(fmt)
-            self._count(n, size, f"array {key!r}")
-            return struct.unpack(f"<{n}{fmt}", self._take(n * size, f"array {key!r}"))
+            self._count(n, size, f"array {shown}")
+            return struct.unpack(f"<{n}{fmt}", self._take(n * size, f"array {shown}"))
         fmt = _SCALAR_FORMATS.get(vtype)
         if fmt is None:
-            raise self._error(f"key {key!r} has invalid GGUF type {vtype}")
-        value: MetaScalar = struct.unpack(f"<{fmt}", self._take(struct.calcsize(fmt), key))[0]
+            raise self._error(f"key {shown} has invalid GGUF type {vtype}")
+        value: MetaScalar = struct.unpack(f"<{fmt}", self._take(struct.calcsize(fmt), shown))[0]
         return value
 
     def parse(self) -> ModelMeta:
@@ -274,7 +309,8 @@ class _HeaderParser:
         if magic != _MAGIC:
             if len(magic) < 4:
                 raise self._error(f"not a GGUF file: only {self._file_size} bytes long")
-            raise self._error(f"not a GGUF file: starts with {magic!r}, expected {_MAGIC!r}")
+            # What it starts with instead stays out: the message is logged.
+            raise self._error("not a GGUF file: it does not start with the GGUF magic")
         version = self._u32("the GGUF version")
         if version not in _SUPPORTED_VERSIONS:
             if version & 0xFFFF == 0:
@@ -289,8 +325,8 @@ class _HeaderParser:
         for i in range(n_kv):
             key = self._string(f"key {i}")
             if key in metadata:
-                raise self._error(f"duplicate key {key!r}")
-            metadata[key] = self._value(self._u32(f"the type of {key!r}"), key)
+                raise self._error(f"duplicate key {shown_name(key)}")
+            metadata[key] = self._value(self._u32(f"the type of {shown_name(key)}"), key)
 
         alignment = self._alignment(metadata)
         tensors = tuple(self._tensor_info(i) for i in range(n_tensors))
@@ -302,6 +338,10 @@ class _HeaderParser:
         arch = metadata.get("general.architecture")
         if not isinstance(arch, str) or not arch:
             raise self._error("no general.architecture key: not a llama.cpp model")
+        if not _PLAIN_NAME.fullmatch(arch):
+            # Every llama.cpp architecture is a plain name; this one would be quoted in
+            # messages (no KV-cache rules for ...), so it is refused here instead.
+            raise self._error(f"general.architecture is {shown_name(arch)}, not an architecture")
         return ModelMeta(
             architecture=arch,
             metadata=MappingProxyType(metadata),
@@ -324,21 +364,22 @@ class _HeaderParser:
 
     def _tensor_info(self, i: int) -> TensorInfo:
         name = self._string(f"the name of tensor {i}")
-        n_dims = self._u32(f"the rank of tensor {name!r}")
+        shown = shown_name(name)
+        n_dims = self._u32(f"the rank of tensor {shown}")
         if n_dims > _MAX_DIMS:
-            raise self._error(f"tensor {name!r} has {n_dims} dimensions, at most 4 are allowed")
-        shape = tuple(self._u64(f"the shape of tensor {name!r}") for _ in range(n_dims))
-        type_id = self._u32(f"the type of tensor {name!r}")
+            raise self._error(f"tensor {shown} has {n_dims} dimensions, at most 4 are allowed")
+        shape = tuple(self._u64(f"the shape of tensor {shown}") for _ in range(n_dims))
+        type_id = self._u32(f"the type of tensor {shown}")
         ggml_type = GGML_TYPES.get(type_id)
         if ggml_type is None:
-            raise self._error(f"tensor {name!r} has unknown ggml type {type_id}")
+            raise self._error(f"tensor {shown} has unknown ggml type {type_id}")
         row = shape[0] if shape else 1
         if row % ggml_type.block_size:
             raise self._error(
-                f"tensor {name!r} rows of {row} elements are not a multiple of the "
+                f"tensor {shown} rows of {row} elements are not a multiple of the "
                 f"{ggml_type.name} block size {ggml_type.block_size}"
             )
-        offset = self._u64(f"the data offset of tensor {name!r}")
+        offset = self._u64(f"the data offset of tensor {shown}")
         return TensorInfo(name, ggml_type, shape, offset)
 
     def _check_data(self, tensors: Sequence[TensorInfo], data_offset: int, alignment: int) -> None:
@@ -347,12 +388,12 @@ class _HeaderParser:
             # llama.cpp requires the tensors packed in header order, each padded to alignment.
             if t.offset != expected:
                 raise self._error(
-                    f"tensor {t.name!r} has data offset {t.offset}, expected {expected}"
+                    f"tensor {shown_name(t.name)} has data offset {t.offset}, expected {expected}"
                 )
             end = data_offset + t.offset + t.n_bytes
             if end > self._file_size:
                 raise self._error(
-                    f"truncated: tensor {t.name!r} ends at byte {end}, "
+                    f"truncated: tensor {shown_name(t.name)} ends at byte {end}, "
                     f"but the file has {self._file_size} bytes"
                 )
             expected = t.offset + t.n_bytes + (-t.n_bytes % alignment)

@@ -8,6 +8,7 @@ is disabled (`--no-slots`) and `/metrics` is enabled (`--metrics`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,13 +46,28 @@ class Activity:
         return any(task != before.get(slot) for slot, task in self.tasks if slot != probe_slot)
 
 
+# More slots or tokens than any server has: the answer is broken, not the server large.
+_MAX_SLOTS = 4096
+_MAX_ID = 2**63 - 1
+
+
+def _whole(value: Any, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise ValueError("not a whole number in range")
+    return value
+
+
 def parse_slots(data: Any) -> Activity:
-    if not isinstance(data, list):
-        raise ServerError(BAD_RESPONSE, "/slots is not a JSON array")
+    if not isinstance(data, list) or len(data) > _MAX_SLOTS:
+        raise ServerError(BAD_RESPONSE, "/slots is not a JSON array of slots")
     try:
-        busy = frozenset(int(s["id"]) for s in data if s.get("is_processing"))
-        tasks = tuple((int(s["id"]), int(s["id_task"])) for s in data if "id_task" in s)
-        held = sum(int(s.get("n_prompt_tokens", 0)) for s in data)
+        busy = frozenset(_whole(s["id"], _MAX_SLOTS) for s in data if s.get("is_processing"))
+        tasks = tuple(
+            (_whole(s["id"], _MAX_SLOTS), int(s["id_task"]))
+            for s in data
+            if isinstance(s.get("id_task"), int) and abs(s["id_task"]) <= _MAX_ID
+        )
+        held = sum(_whole(s.get("n_prompt_tokens", 0), 2**31 - 1) for s in data)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ServerError(BAD_RESPONSE, "/slots entries lack id or is_processing") from None
     return Activity(len(busy), 0, busy, tasks, held)
@@ -63,9 +79,12 @@ def parse_metrics(text: str) -> Activity:
         if line.startswith("llamacpp:requests_"):
             name, _, value = line.partition(" ")
             try:
-                values[name] = float(value)
+                number = float(value)
             except ValueError:
-                raise ServerError(BAD_RESPONSE, f"/metrics has a bad value for {name}") from None
+                number = math.nan
+            if not 0 <= number <= _MAX_ID:  # NaN fails this too
+                raise ServerError(BAD_RESPONSE, "/metrics has a bad requests_ value") from None
+            values[name] = number
     if "llamacpp:requests_processing" not in values:
         raise ServerError(BAD_RESPONSE, "/metrics lacks llamacpp:requests_processing")
     return Activity(
@@ -76,7 +95,8 @@ def parse_metrics(text: str) -> Activity:
 
 
 class ActivityReader:
-    """Remembers which source works, so a server without /slots is not asked every time."""
+    """Remembers which source works, so a server without /slots is not asked at every poll of
+    a round; `reset` at each discovery asks again, since /slots may come back at any time."""
 
     def __init__(self, client: LlamaClient) -> None:
         self._client = client
@@ -96,5 +116,4 @@ class ActivityReader:
         return None
 
     def reset(self) -> None:
-        """After a server restart its endpoints may have changed."""
         self._slots_disabled = False

@@ -6,7 +6,9 @@ name what went wrong without leaking the API key, a prompt or an unbounded strin
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ import httpx
 from pydantic import SecretStr
 
 from exporter.host.address import uses_tls
+from exporter.llama.limits import RequestLimits
+from exporter.llama.untrusted import DETAIL_MAX_CHARS, clean_text
 
 # The fixed set of failure reasons, exported as the `reason` label.
 CONNECT: Final = "connect"
@@ -26,6 +30,13 @@ HTTP_ERROR: Final = "http_error"
 BAD_RESPONSE: Final = "bad_response"
 CONTEXT_EXCEEDED: Final = "context_exceeded"
 NOT_SUPPORTED: Final = "not_supported"
+OVERSIZED: Final = "oversized"
+
+# An error answer is read for its message only: a few KiB say all there is to say.
+_ERROR_BODY_BYTES: Final = 16 * 1024
+# Events a completion may carry beyond one a token: the final event, and room for a release
+# that adds one of its own.
+_SPARE_EVENTS: Final = 8
 
 
 class ServerError(Exception):
@@ -47,22 +58,45 @@ class Timings:
 
     @classmethod
     def parse(cls, data: Any) -> Timings:
+        """The fields as the server typed them; whether their values make sense is the
+        runner's question (`exporter.probe.validate`), which knows what was asked for."""
+        if not isinstance(data, dict):
+            raise ServerError(BAD_RESPONSE, "timings is not a JSON object")
         try:
             return cls(
-                prompt_n=int(data["prompt_n"]),
-                prompt_ms=float(data["prompt_ms"]),
-                cache_n=int(data["cache_n"]),
-                predicted_n=int(data["predicted_n"]),
-                predicted_ms=float(data["predicted_ms"]),
+                prompt_n=_count(data["prompt_n"]),
+                prompt_ms=_number(data["prompt_ms"]),
+                cache_n=_count(data["cache_n"]),
+                predicted_n=_count(data["predicted_n"]),
+                predicted_ms=_number(data["predicted_ms"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ServerError(BAD_RESPONSE, f"timings object is incomplete: {exc!r}") from None
+        except KeyError as exc:
+            raise ServerError(BAD_RESPONSE, f"timings lack {exc}") from None
+
+
+def _count(value: Any) -> int:
+    # A float count (or a bool, which is an int to Python) is not what llama-server sends.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ServerError(BAD_RESPONSE, "a timings count is not an integer")
+    return value
+
+
+def _number(value: Any) -> float:
+    # NaN, Infinity and 1e999 parse as floats: they pass here and fail validation, so that
+    # they are counted as invalid timings rather than as a malformed answer.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ServerError(BAD_RESPONSE, "a timings duration is not a number")
+    try:
+        return float(value)
+    except OverflowError:  # an integer past 1e308
+        return math.inf
 
 
 @dataclass(frozen=True)
 class Completion:
     timings: Timings
     first_chunk_seconds: float  # client-measured: request sent -> first streamed token
+    total_seconds: float  # client-measured: request sent -> final event
 
 
 def _error_from_response(status: int, body: bytes) -> ServerError:
@@ -70,9 +104,9 @@ def _error_from_response(status: int, body: bytes) -> ServerError:
     error_type = ""
     try:
         error = json.loads(body).get("error", {})
-        message = str(error.get("message", ""))[:200]
+        message = clean_text(error.get("message", ""), DETAIL_MAX_CHARS)
         error_type = str(error.get("type", ""))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
     if status == 401:
         return ServerError(UNAUTHORIZED, "server refused the API key (HTTP 401)")
@@ -85,6 +119,14 @@ def _error_from_response(status: int, body: bytes) -> ServerError:
     return ServerError(HTTP_ERROR, f"HTTP {status}: {message or 'no detail'}")
 
 
+def _stream_error(event: dict[str, Any]) -> ServerError:
+    """An error llama-server reports inside a stream, with the status it would have sent."""
+    error = event.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    status = code if isinstance(code, int) and not isinstance(code, bool) else 500
+    return _error_from_response(status, json.dumps(event).encode())
+
+
 class LlamaClient:
     """One llama-server. Methods raise ServerError; nothing else escapes."""
 
@@ -94,12 +136,15 @@ class LlamaClient:
         api_key: SecretStr | None = None,
         *,
         timeout: float = 10.0,
+        limits: RequestLimits | None = None,
+        proxy: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         headers = {"User-Agent": "llama-speed-exporter"}
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+        self.limits = limits or RequestLimits()
         # A plain-HTTP target never speaks TLS: loading the CA bundle for it would cost some
         # 3 MiB per target for nothing. An https:// one verifies as usual.
         self._http = httpx.AsyncClient(
@@ -108,37 +153,47 @@ class LlamaClient:
             timeout=timeout,
             transport=transport,
             verify=uses_tls(base_url),
+            # HTTP_PROXY and friends are meant for a user's own traffic: honouring them would
+            # send the API key of a server next door to whatever proxy the environment names.
+            trust_env=False,
+            proxy=proxy,
         )
         self._clock = clock
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _get(self, path: str) -> httpx.Response:
+    async def _get(self, path: str) -> bytes:
+        """The body of a 200 answer, read whole within the discovery deadline and size cap."""
+        deadline = self.limits.discovery_timeout
         try:
-            try:
-                response = await self._http.get(path)
-            except httpx.RemoteProtocolError:
-                # llama-server closes a kept-alive connection after a few requests; a GET that
-                # raced that close is safe to send again on a new connection.
-                response = await self._http.get(path)
-        except httpx.TimeoutException:
-            raise ServerError(TIMEOUT, f"GET {path} timed out") from None
+            async with asyncio.timeout(deadline):
+                try:
+                    return await self._get_once(path)
+                except httpx.RemoteProtocolError:
+                    # llama-server closes a kept-alive connection after a few requests; a GET
+                    # that raced that close is safe to send again on a new connection.
+                    return await self._get_once(path)
+        except (TimeoutError, httpx.TimeoutException):
+            raise ServerError(TIMEOUT, f"GET {path} took over {deadline:g} s") from None
         except httpx.HTTPError as exc:
             raise ServerError(CONNECT, f"GET {path}: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise _error_from_response(response.status_code, response.content)
-        return response
+
+    async def _get_once(self, path: str) -> bytes:
+        async with self._http.stream("GET", path) as response:
+            if response.status_code != 200:
+                raise _error_from_response(response.status_code, await _error_body(response))
+            return await _bounded_body(response, self.limits.max_response_bytes, f"GET {path}")
 
     async def get_json(self, path: str) -> Any:
-        response = await self._get(path)
+        body = await self._get(path)
         try:
-            return response.json()
-        except ValueError:
+            return json.loads(body)
+        except (ValueError, RecursionError):
             raise ServerError(BAD_RESPONSE, f"GET {path} returned malformed JSON") from None
 
     async def get_text(self, path: str) -> str:
-        return (await self._get(path)).text
+        return (await self._get(path)).decode("utf-8", errors="replace")
 
     async def complete(self, body: dict[str, Any], timeout: float) -> Completion:
         """POST /completion as a stream; returns the final chunk's timings.
@@ -148,22 +203,29 @@ class LlamaClient:
         """
         started = self._clock()
         first: float | None = None
+        total = 0.0
         final: dict[str, Any] | None = None
         try:
             async with self._http.stream(
                 "POST", "/completion", json={**body, "stream": True}, timeout=timeout
             ) as response:
                 if response.status_code != 200:
-                    raise _error_from_response(response.status_code, await response.aread())
-                async for chunk in _sse_events(response.aiter_bytes()):
+                    raise _error_from_response(response.status_code, await _error_body(response))
+                lines = _sse_lines(response.aiter_bytes(), self.limits.max_response_bytes)
+                # One event a token, and the final one: a server that streams on past that
+                # would otherwise hold the probe, parsing, until the round's timeout.
+                events_left = int(body.get("n_predict", 0)) + _SPARE_EVENTS
+                async for chunk in _sse_events(lines):
+                    events_left -= 1
+                    if events_left < 0:
+                        raise ServerError(BAD_RESPONSE, "stream ran past the tokens asked for")
                     if "error" in chunk:
-                        raise _error_from_response(
-                            int(chunk["error"].get("code", 500)), json.dumps(chunk).encode()
-                        )
+                        raise _stream_error(chunk)
                     if first is None:
                         first = self._clock() - started
                     if chunk.get("stop"):
                         final = chunk
+                        total = self._clock() - started
                         break
         except httpx.TimeoutException:
             raise ServerError(TIMEOUT, f"completion timed out after {timeout:g} s") from None
@@ -172,25 +234,58 @@ class LlamaClient:
         # The final chunk is a chunk too: `first` is set whenever `final` is.
         if final is None or first is None or "timings" not in final:
             raise ServerError(BAD_RESPONSE, "stream ended without a final chunk with timings")
-        return Completion(Timings.parse(final["timings"]), first)
+        return Completion(Timings.parse(final["timings"]), first, total)
 
 
-async def _sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _bounded_body(response: httpx.Response, limit: int, what: str) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ServerError(OVERSIZED, f"{what}: answer of {declared} bytes, over {limit}")
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ServerError(OVERSIZED, f"{what}: answer over {limit} bytes")
+    return bytes(body)
+
+
+async def _error_body(response: httpx.Response) -> bytes:
+    """The start of an error answer: enough for its message, never all of an endless one."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= _ERROR_BODY_BYTES:
+            break
+    return bytes(body[:_ERROR_BODY_BYTES])
+
+
+async def _sse_lines(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
     """Split on LF only. httpx's aiter_lines splits like str.splitlines, which also breaks at
-    U+0085 and U+2028: characters JSON leaves unescaped and a detokenized prompt can hold."""
-    pending: list[bytes] = []  # pieces of a line not yet ended: a deep probe's final event
-    async for chunk in chunks:  # carries the whole prompt as text, megabytes long
+    U+0085 and U+2028: characters JSON leaves unescaped and a detokenized prompt can hold.
+
+    A line longer than `limit` ends the stream as oversized: without a cap, a server that
+    never sends a newline would grow the exporter until the round's deadline.
+    """
+    pending: list[bytes] = []  # pieces of a line not yet ended
+    held = 0
+    async for chunk in chunks:
         *ended, rest = chunk.split(b"\n")
         for piece in ended:
+            if held + len(piece) > limit:
+                raise ServerError(OVERSIZED, f"stream line over {limit} bytes")
             yield b"".join([*pending, piece]).rstrip(b"\r")
             pending.clear()
+            held = 0
         pending.append(rest)
+        held += len(rest)
+        if held > limit:
+            raise ServerError(OVERSIZED, f"stream line over {limit} bytes")
     if any(pending):
         yield b"".join(pending)
 
 
-async def _sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-    async for raw in _sse_lines(chunks):
+async def _sse_events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    async for raw in lines:
         line = raw.decode("utf-8", errors="replace")
         if not line.startswith("data:"):
             continue
@@ -199,7 +294,7 @@ async def _sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, A
             return
         try:
             event = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ServerError(BAD_RESPONSE, "stream carried malformed JSON") from None
         if not isinstance(event, dict):
             raise ServerError(BAD_RESPONSE, "stream event is not a JSON object")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
 from exporter.llama.client import BAD_RESPONSE, LlamaClient, ServerError
+from exporter.llama.untrusted import clean_text
+
+# Beyond any real server: a larger figure is a broken or hostile answer, not a big model.
+_MAX_TOKENS = 2**31 - 1
+_MAX_SLOTS = 4096
+_MAX_PATH_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,18 @@ def model_label(alias: str) -> str:
 
 
 def _opt_int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A figure the server may leave out; None where it is absent, not a count, or absurd."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value < 0 or value != int(value) or value >= 2**63:
+        return None
+    return int(value)
+
+
+def _int_in(value: Any, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} is not an integer in {low}..{high}")
+    return value
 
 
 def parse_server_info(props: Any, models: Any) -> ServerInfo:
@@ -50,17 +68,21 @@ def parse_server_info(props: Any, models: Any) -> ServerInfo:
         entry = models["data"][0] if isinstance(models, dict) and models.get("data") else {}
         meta = entry.get("meta") or {}
         alias = str(props.get("model_alias") or entry.get("id") or props.get("model_path", ""))
-        ctx = int(props["default_generation_settings"]["n_ctx"])
-        n_vocab = _opt_int(meta.get("n_vocab"))
-        if n_vocab is None or n_vocab <= 0:
+        alias = alias[:_MAX_PATH_CHARS]
+        ctx = _int_in(props["default_generation_settings"]["n_ctx"], 1, _MAX_TOKENS, "n_ctx")
+        if "meta" not in entry or "n_vocab" not in meta:
             raise ValueError("/v1/models carries no meta.n_vocab")
+        n_vocab = _int_in(meta["n_vocab"], 1, _MAX_TOKENS, "meta.n_vocab")
+        model_path = str(props.get("model_path", ""))
+        if len(model_path) > _MAX_PATH_CHARS or "\0" in model_path:
+            raise ValueError("model_path is not a path")
         return ServerInfo(
-            model=model_label(alias) or "unknown",
-            model_path=str(props.get("model_path", "")),
+            model=clean_text(model_label(alias)) or "unknown",
+            model_path=model_path,
             ctx=ctx,
-            slots=int(props.get("total_slots", 1)),
-            quant=str(props.get("model_ftype") or meta.get("ftype") or "unknown"),
-            build=str(props.get("build_info", "unknown")),
+            slots=_int_in(props.get("total_slots", 1), 1, _MAX_SLOTS, "total_slots"),
+            quant=clean_text(props.get("model_ftype") or meta.get("ftype") or "unknown"),
+            build=clean_text(props.get("build_info", "unknown")),
             n_vocab=n_vocab,
             n_params=_opt_int(meta.get("n_params")),
             size_bytes=_opt_int(meta.get("size")),

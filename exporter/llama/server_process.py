@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import socket
@@ -25,17 +24,13 @@ from typing import Final, Self, TypeAlias
 import httpx
 import structlog
 
-from exporter.llama.argv import ArgvError, Option, find_options
+from exporter.llama.redact import redacted
 
 log = structlog.get_logger(__name__)
 
 # Short enough that a test waits barely longer than the server needs, long enough not to spin.
 _POLL_INTERVAL_S: Final = 0.05
 _LOG_LINES_IN_ERROR: Final = 20
-# Flags whose value must not reach a log line.
-_SECRET_FLAGS: Final = frozenset({"--api-key", "--api-key-file", "--ssl-key-file"})
-# `env LLAMA_API_KEY=... llama-server ...`, `HF_TOKEN=...`: assignments in a wrapped command.
-_SECRET_VARIABLE: Final = re.compile(r"\w*(KEY|TOKEN|SECRET|PASSWORD)\w*", re.IGNORECASE)
 # llama-server reads any option from LLAMA_ARG_* (and the key from LLAMA_API_KEY); inherited,
 # they would change the server behind the caller's back, so only `args` configure it.
 _ENV_PREFIXES: Final = ("LLAMA_ARG_", "LLAMA_API_KEY")
@@ -85,24 +80,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def redacted(cmd: Sequence[str]) -> list[str]:
-    """`cmd` fit for a log line or a report: values of secret flags and variables hidden."""
-    out = list(cmd)
-    secret_flags: list[Option] = []
-    with contextlib.suppress(ArgvError):  # a secret flag at the end has no value to hide
-        secret_flags.extend(find_options(cmd, dict.fromkeys(_SECRET_FLAGS, True)))
-    for option in secret_flags:
-        if option.end - option.start == 2:
-            out[option.start + 1] = "***"
-        else:
-            out[option.start] = f"{option.name}=***"
-    for i, arg in enumerate(out):
-        name, assigns, _ = arg.partition("=")
-        if assigns and _SECRET_VARIABLE.fullmatch(name):
-            out[i] = f"{name}=***"
-    return out
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

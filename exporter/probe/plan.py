@@ -14,6 +14,14 @@ from pydantic_settings import NoDecode
 
 from exporter.probe.results import KINDS, Kind
 
+# Upper bounds, far past any real use, so that no accepted value is absurd where it is used:
+# the token counts bound the lists a round builds in memory and sends, the repetitions the
+# requests in one round; the timeout must fit under the schedule's interval anyway.
+MAX_TIMEOUT_SECONDS = 86400.0
+MAX_DEPTH = 1 << 24  # tokens; llama.cpp contexts are far smaller
+MAX_TOKENS = 1 << 20  # per PP or TG sample
+MAX_REPETITIONS = 100
+
 
 def split_list(value: Any) -> Any:
     """A list from a flag or the environment may be written `a,b,c` as well as JSON."""
@@ -39,7 +47,7 @@ def _none_or_at_least_two(tokens: int) -> int:
 
 
 Depths = Annotated[
-    tuple[Annotated[int, Field(ge=0)], ...],
+    tuple[Annotated[int, Field(ge=0, le=MAX_DEPTH)], ...],
     NoDecode,  # "0,4096" from a flag or the environment is not JSON
     BeforeValidator(split_list),
     AfterValidator(_distinct_sorted),
@@ -52,16 +60,30 @@ class MeasurePlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     timeout: float = Field(
-        120.0, gt=0, allow_inf_nan=False, description="seconds one probe round may take"
+        120.0,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        description="seconds one probe round may take (at most 86400)",
     )
     prompt_tokens: int = Field(
-        512, ge=0, description="fresh prompt tokens per PP sample (0: no PP probes)"
+        512,
+        ge=0,
+        le=MAX_TOKENS,
+        description="fresh prompt tokens per PP sample (0: no PP probes; at most 1048576)",
     )
     generation_tokens: Annotated[int, AfterValidator(_none_or_at_least_two)] = Field(
-        128, ge=0, description="tokens generated per TG sample (0: no TG probes)"
+        128,
+        ge=0,
+        le=MAX_TOKENS,
+        description="tokens generated per TG sample (0: no TG probes; at most 1048576)",
     )
-    depths: Depths = Field((0,), description="context depths, e.g. 0,4096,16384")
-    repetitions: int = Field(3, ge=1, description="samples per depth and round")
+    depths: Depths = Field(
+        (0,), description="context depths, e.g. 0,4096,16384 (each at most 16777216)"
+    )
+    repetitions: int = Field(
+        3, ge=1, le=MAX_REPETITIONS, description="samples per depth and round (at most 100)"
+    )
     slot: int | None = Field(None, ge=0, description="slot id for probes (default: the highest)")
     warmup: bool = Field(
         True, description="send one unmeasured request before each round, as llama-bench does"

@@ -37,6 +37,10 @@ INVALID_PROMPT_N: Final = "prompt_n_mismatch"
 INVALID_CACHE_N: Final = "cache_n_mismatch"
 INVALID_PREDICTED_N: Final = "predicted_n_mismatch"
 SLOT_OUT_OF_RANGE: Final = "slot_out_of_range"
+# The server's timings cannot be true: not finite or not positive, or at odds with the time
+# the exporter itself measured around the request (`exporter.probe.validate`).
+INVALID_TIMINGS: Final = "invalid_timings"
+INCONSISTENT_TIMINGS: Final = "inconsistent_timings"
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,10 @@ class RoundResult:
 
     @property
     def samples(self) -> tuple[Sample, ...]:
-        return tuple(s for o in self.outcomes.values() for s in o.samples)
+        """The samples of the kinds that succeeded. One failed repetition makes the kind's
+        other samples of this round suspect too: a server that sent one impossible figure
+        may have sent plausible wrong ones, so none of them reaches a gauge or counter."""
+        return tuple(s for o in self.outcomes.values() if o.succeeded for s in o.samples)
 
 
 DISCARD_REASONS: Final = (DISCARD_OVERLAP,)
@@ -99,10 +106,13 @@ FAILURE_REASONS: Final = (
     client.BAD_RESPONSE,
     client.CONTEXT_EXCEEDED,
     client.NOT_SUPPORTED,
+    client.OVERSIZED,
     INVALID_PROMPT_N,
     INVALID_CACHE_N,
     INVALID_PREDICTED_N,
     SLOT_OUT_OF_RANGE,
+    INVALID_TIMINGS,
+    INCONSISTENT_TIMINGS,
 )
 
 

@@ -41,6 +41,7 @@ from exporter.probe.results import (
     RoundResult,
     Sample,
 )
+from exporter.probe.validate import timing_problem
 
 
 class _OverlapError(Exception):
@@ -107,8 +108,9 @@ class ProbeRunner:
     async def refresh(self) -> ServerInfo:
         """Read /props and /v1/models; raises ServerError."""
         info = await discover(self._client)
-        if self.last_server is None or info.identity != self.last_server.identity:
-            self._activity.reset()
+        # A skip for want of /slots must not outlive its cause: /slots can come back on the
+        # same model and ctx (a restart with other flags), so each discovery asks it again.
+        self._activity.reset()
         self.last_server = info
         return info
 
@@ -264,6 +266,7 @@ class ProbeRunner:
             t = done.timings
             _expect(INVALID_PROMPT_N, "prompt_n", t.prompt_n, n)
             _expect(INVALID_CACHE_N, "cache_n", t.cache_n, depth)
+            _check_timings(kind, done)
             return Sample(kind, depth, t.prompt_n, t.prompt_ms / 1000, done.first_chunk_seconds, t)
         m = self.plan.generation_tokens
         body = self._body(prefix + self._suffix(info, 1), m, cache=cache, slot=slot)
@@ -272,6 +275,7 @@ class ProbeRunner:
         _expect(INVALID_PROMPT_N, "prompt_n", t.prompt_n, 1)
         _expect(INVALID_CACHE_N, "cache_n", t.cache_n, depth)
         _expect(INVALID_PREDICTED_N, "predicted_n", t.predicted_n, m)
+        _check_timings(kind, done)
         # predicted_ms covers the steps after the first token, which comes with the prompt.
         return Sample(kind, depth, t.predicted_n - 1, t.predicted_ms / 1000, None, t)
 
@@ -332,6 +336,9 @@ class ProbeRunner:
             "temperature": 0,
             "samplers": ["top_k"],
             "top_k": 1,
+            # The final event would otherwise echo the whole prompt as text: megabytes at a
+            # deep depth, for nothing the exporter reads.
+            "response_fields": ["stop", "timings"],
         }
 
 
@@ -339,6 +346,12 @@ def fits_in_context(depth: int, prompt_tokens: int, generation_tokens: int, n_ct
     """Whether a depth's PP and TG requests fit in a slot of `n_ctx` tokens."""
     # The server refuses a prompt that fills the slot, and stops generating at its end.
     return depth + max(prompt_tokens, generation_tokens + 1) + 1 <= n_ctx
+
+
+def _check_timings(kind: Kind, done: Completion) -> None:
+    problem = timing_problem(kind, done)
+    if problem is not None:
+        raise _InvalidSampleError(*problem)
 
 
 def _expect(reason: str, name: str, got: int, want: int) -> None:

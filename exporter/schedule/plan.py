@@ -9,6 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # The duty budget's window: an hour, or one interval where rounds come less often.
 MIN_DUTY_WINDOW_SECONDS = 3600.0
+# Upper bounds: APScheduler adds the interval and jitter to datetimes, and past year 9999
+# (an interval of about 2.5e11 s) that overflows inside the scheduler, which then runs no job
+# again while /healthz still says ok. Far below that, these are longer than anyone means to
+# wait between rounds or /props reads.
+MAX_INTERVAL_SECONDS = 7 * 86400.0
+MAX_JITTER_SECONDS = 86400.0
+MAX_DISCOVERY_INTERVAL_SECONDS = 86400.0
 
 
 class Schedule(BaseModel):
@@ -21,13 +28,25 @@ class Schedule(BaseModel):
     # A round of the defaults on a 22 t/s server (warm-up, 3 x pp512 + tg128) takes about 20 s:
     # every 20 minutes that is 1.7% of wall time, inside the 2% duty budget.
     interval: float = Field(
-        1200.0, gt=0, allow_inf_nan=False, description="seconds between probe rounds"
+        1200.0,
+        gt=0,
+        le=MAX_INTERVAL_SECONDS,
+        allow_inf_nan=False,
+        description="seconds between probe rounds (at most 604800, 7 days)",
     )
     jitter: float = Field(
-        10.0, ge=0, allow_inf_nan=False, description="random seconds added to each interval"
+        10.0,
+        ge=0,
+        le=MAX_JITTER_SECONDS,
+        allow_inf_nan=False,
+        description="random seconds added to each interval (at most 86400)",
     )
     discovery_interval: float = Field(
-        30.0, gt=0, allow_inf_nan=False, description="seconds between /props reads"
+        30.0,
+        gt=0,
+        le=MAX_DISCOVERY_INTERVAL_SECONDS,
+        allow_inf_nan=False,
+        description="seconds between /props reads (at most 86400)",
     )
     duty_budget: float = Field(0.02, gt=0, le=1, description="max share of wall time for probes")
 

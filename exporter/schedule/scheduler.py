@@ -19,7 +19,8 @@ class Scheduler:
         on_max_instances: Callable[[str], None],
     ) -> None:
         self._scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
-        self._running: set[asyncio.Task[Any]] = set()
+        # In-flight jobs, by task: shutdown cancels them; a forced exit names them.
+        self._running: dict[asyncio.Task[Any], str] = {}
         self._args: dict[str, str] = {}
         self._on_max_instances = on_max_instances
         self._scheduler.add_listener(self._max_instances, EVENT_JOB_MAX_INSTANCES)
@@ -37,14 +38,14 @@ class Scheduler:
         async def tracked() -> None:
             task = asyncio.current_task()
             assert task is not None  # noqa: S101 - always inside a task here
-            self._running.add(task)
+            self._running[task] = job_id
             try:
                 await func(arg)
             except asyncio.CancelledError:
                 # Shutdown cancels in-flight jobs on purpose; ending quietly is their success.
                 return
             finally:
-                self._running.discard(task)
+                self._running.pop(task, None)
 
         self._args[job_id] = arg
         self._scheduler.add_job(
@@ -64,12 +65,27 @@ class Scheduler:
     def start(self) -> None:
         self._scheduler.start()
 
-    async def shutdown(self, grace: float) -> None:
-        """Stop scheduling, cancel running jobs and give them `grace` seconds to unwind."""
+    def running(self) -> list[str]:
+        """Ids of the jobs in flight; safe from another thread (a shutdown watchdog): set()
+        copies the values in one C loop that holds the GIL, so the dict cannot change midway."""
+        return sorted(set(self._running.values()))
+
+    def next_run(self, job_id: str) -> datetime | None:
+        """When `job_id` runs next; None once it is removed or the scheduler is shut down."""
+        job = self._scheduler.get_job(job_id)
+        return job.next_run_time if job is not None else None
+
+    async def shutdown(self, grace: float) -> list[str]:
+        """Stop scheduling, cancel running jobs and give them `grace` seconds to unwind.
+
+        Returns the ids of those still running after it: a job that swallows its
+        cancellation, or is blocked outside the loop. They are left to the process's exit.
+        """
         self._scheduler.pause()
-        running = set(self._running)
+        running = dict(self._running)
         for task in running:
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=grace)
         self._scheduler.shutdown(wait=False)
+        return sorted({job_id for task, job_id in running.items() if not task.done()})

@@ -136,6 +136,8 @@ class WebConfig:
     files: tuple[tuple[Path, object], ...]
     # Checked against for unknown users, so that timing does not tell which users exist.
     decoy_hash: bytes
+    # The file held nothing (or only blanks and comments): the defaults, no TLS and no auth.
+    empty: bool = False
 
 
 class _Loader:
@@ -172,6 +174,7 @@ class _Loader:
             mark = getattr(exc, "problem_mark", None)
             line = f" (line {mark.line + 1})" if mark is not None else ""
             raise self.error("", f"not valid YAML{line}") from None
+        empty = data is None
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -189,7 +192,7 @@ class _Loader:
         # A well-formed hash of nothing: checking any password against it costs what a real
         # user's check costs, and never matches.
         decoy = f"$2b${cost:02d}$".encode() + b"." * 53
-        return WebConfig(self.path, tls, users, headers, tuple(self.files), decoy)
+        return WebConfig(self.path, tls, users, headers, tuple(self.files), decoy, empty)
 
     def _check_unsupported(self, data: dict[Any, Any]) -> None:
         tls = data.get("tls_server_config")
@@ -368,6 +371,13 @@ class ReloadableWebConfig:
             # Watch what the bad file read, so that fixing it (or a file it names) is seen,
             # while an unchanged bad file is not retried and logged every second.
             self._failed(exc, exc.files)
+            return
+        if config.empty and not self._config.empty:
+            # At startup an empty file means the defaults, as in exporter-toolkit. On a
+            # reload it is more likely a file caught half-written, and taking it would turn
+            # basic auth off without a word: it is refused like any bad file.
+            problem = "is empty: a reload keeps the config in force (restart to clear it)"
+            self._failed(WebConfigError(self.path, "", problem), config.files)
             return
         if (config.tls is None) != (self._config.tls is None):
             problem = "turning TLS on or off needs a restart of the exporter"

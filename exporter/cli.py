@@ -21,15 +21,16 @@ from typing import Any
 import structlog
 
 from exporter import __version__, log
-from exporter.config import ENV_PREFIX, Config, ConfigError, load_config
+from exporter.config import Config, ConfigError, Target
 from exporter.config.flags import SETTINGS, Setting
-from exporter.daemon import SHUTDOWN_DEADLINE_SECONDS, Daemon
-from exporter.llama.client import LlamaClient
+from exporter.config.resolved import ModelRules
+from exporter.config.settings import ENV_PREFIX, load_config
 from exporter.llama.redact import redacted_text
+from exporter.probe.once import RefusedError, probe_target
 from exporter.probe.printout import result_json, round_succeeded, table
 from exporter.probe.results import RoundResult
-from exporter.probe.runner import ProbeRunner
 from exporter.safe_argparse import SafeArgumentParser
+from exporter.serve import hand_over
 from exporter.web import healthcheck
 from exporter.web.webconfig import load_web_config
 
@@ -120,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings_flags(probe)
     probe.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    probe.add_argument(
+        "--model", metavar="NAME",
+        help="behind a router or llama-swap, probe this loaded model only (default: every "
+        "loaded model); a model that is not loaded is refused, never loaded",
+    )  # fmt: skip
     check = sub.add_parser(
         "healthcheck",
         help="exit 0 if this host's daemon answers /healthz (over TLS where the web config "
@@ -193,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config_check:
         return check_config(config)
     if args.command == "probe":
-        return asyncio.run(probe_once(config, as_json=args.json))
-    return run_daemon(config)
+        return asyncio.run(probe_once(config, as_json=args.json, model=args.model))
+    return hand_over(config)  # the daemon's own process from here on: exporter.serve
 
 
 def _positive_seconds(text: str) -> float:
@@ -246,6 +252,8 @@ def resolved_view(config: Config) -> dict[str, Any]:
                 **({"proxy": redacted_text(t.proxy)} if t.proxy else {}),
                 **({"pid_file": str(t.pid_file)} if t.pid_file else {}),
                 **({"process_name": t.process_name} if t.process_name else {}),
+                **({"mode": t.mode} if t.mode != "auto" else {}),
+                **({"models": _model_rules_json(t)} if t.models != ModelRules() else {}),
             }
             for t in config.targets
         ],
@@ -259,34 +267,25 @@ def resolved_view(config: Config) -> dict[str, Any]:
     }
 
 
-def run_daemon(config: Config) -> int:
-    try:
-        daemon = Daemon(config)
-    except ConfigError as exc:  # the web config file, read when the daemon is set up
-        print(f"{PROG}: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OSError as exc:
-        structlog.get_logger().error(
-            "cannot_listen", address=config.listen_address, error=exc.strerror or str(exc)
-        )
-        return 1
-    # asyncio.run joins asyncio's default executor at its end, and the interpreter joins every
-    # non-daemon thread at exit, both without a timeout; the deadline's watchdog ends the
-    # process if either hangs (a DNS lookup that never returns).
-    asyncio.run(daemon.run(exit_deadline=SHUTDOWN_DEADLINE_SECONDS))
-    return 0
+def _model_rules_json(t: Target) -> dict[str, Any]:
+    rules = t.models
+    return {
+        "include": list(rules.include),
+        "exclude": list(rules.exclude),
+        "model_probe": {
+            p.glob: p.plan.model_dump(mode="json") if p.plan is not None else {"enabled": False}
+            for p in rules.plans
+        },
+    }
 
 
-async def probe_once(config: Config, *, as_json: bool) -> int:
+async def probe_once(config: Config, *, as_json: bool, model: str | None = None) -> int:
     results: list[RoundResult] = []
     for target in config.targets:
-        client = LlamaClient(
-            target.url, target.api_key, timeout=target.plan.timeout,
-            limits=target.limits, proxy=target.proxy,
-        )  # fmt: skip
         try:
-            results.append(await ProbeRunner(target.name, client, target.plan).run_round())
-        finally:
-            await client.aclose()
+            results += await probe_target(target, model)
+        except RefusedError as exc:
+            print(f"{PROG}: probe refused: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     print(json.dumps([result_json(r) for r in results], indent=2) if as_json else table(results))
-    return 0 if all(round_succeeded(r) for r in results) else 1
+    return 0 if results and all(round_succeeded(r) for r in results) else 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 import signal
 from collections.abc import Callable
@@ -17,17 +16,17 @@ from exporter.collectors import exporter_collectors
 from exporter.collectors.gpu import GpuCollector
 from exporter.collectors.guard import SnapshotCollector
 from exporter.config.resolved import Config, Target
-from exporter.config.settings import split_listen_address
 from exporter.gpu.nvml import Nvml
-from exporter.host.blocking import BlockingSlot, DeadlineExceededError, StillBlockedError
-from exporter.host.proc import read_cmdline, read_cwd, read_environ
+from exporter.host.address import local_port, split_listen_address
+from exporter.host.blocking import BlockingSlot
 from exporter.host.targets import TargetProcesses
-from exporter.kv.facts import MODEL_UNREADABLE, FactsError, model_facts
-from exporter.llama.client import LlamaClient, ServerError
+from exporter.kv.reads import read_facts
+from exporter.llama.client import CONNECT, LlamaClient, ServerError
 from exporter.llama.discovery import ServerInfo
 from exporter.llama.redact import redacted_text
-from exporter.llama.untrusted import clean_text
-from exporter.probe.results import SKIP_IN_PROGRESS, RoundResult, round_figures
+from exporter.llama.router import TargetKind, detect_kind
+from exporter.multi_target import MultiTarget
+from exporter.probe.results import DISCARD_OVERLAP, SKIP_IN_PROGRESS, RoundResult, round_figures
 from exporter.probe.runner import ProbeRunner
 from exporter.schedule.budget import DutyBudget
 from exporter.schedule.rounds import BudgetedRounds
@@ -55,6 +54,10 @@ class _TargetRuntime:
     model_key: tuple[object, ...] | None = None  # what the model facts were worked out for
     # The GGUF header read: a file the server names may sit on a mount that hangs.
     model_reads: BlockingSlot = field(default_factory=BlockingSlot)
+    # What serves at the URL: the configured mode, or what `detect_kind` found (None until
+    # then, and again after a connection failure: another program may answer there now).
+    kind: TargetKind | None = None
+    multi: MultiTarget | None = None  # a router's or llama-swap's models
 
 
 def round_event(result: RoundResult) -> dict[str, object]:
@@ -80,6 +83,10 @@ def round_event(result: RoundResult) -> dict[str, object]:
         event["discarded"] = discards
     if result.skips:
         event["skipped"] = list(result.skips)
+    if result.canary is not None and result.canary.output is not None:
+        event["canary"] = result.canary.output.fingerprint
+    elif result.canary is not None:
+        event.update(canary_failure=result.canary.failure, canary_detail=result.canary.detail)
     if result.detail:
         event["detail"] = result.detail
     return event
@@ -108,6 +115,7 @@ class Daemon:
             t.name: self._runtime(t, transport_factory(t), overlap_poll_interval, energy)
             for t in config.targets
         }
+        self._poll, self._energy = overlap_poll_interval, energy
         self._first_probe_delay = first_probe_delay
         extra: list[tuple[str, SnapshotCollector]] = []
         self._processes = TargetProcesses(config.targets)
@@ -148,20 +156,55 @@ class Daemon:
             target.name, client, target.plan, overlap_poll_interval=poll, energy=energy
         )
         budget = DutyBudget(target.schedule.duty_budget, target.schedule.duty_window)
-        return _TargetRuntime(
+        rt = _TargetRuntime(
             target, client, runner, BudgetedRounds(target.name, runner.run_round, budget)
         )
+        if target.mode != "auto":
+            rt.kind = target.mode
+        return rt
+
+    async def _kind(self, rt: _TargetRuntime) -> TargetKind | None:
+        """What serves at the target, found once from reads that name no model; None where
+        it cannot be told now (the round then runs as for a single server, whose requests
+        name no model either, and fails as it would)."""
+        if rt.kind is None:
+            try:
+                rt.kind = await detect_kind(rt.client)
+            except ServerError:
+                return None
+            log.info("target_kind", target=rt.target.name, kind=rt.kind)
+        if rt.kind == "single":
+            rt.multi = None
+        elif rt.multi is None or rt.multi.kind != rt.kind:
+            rt.multi = MultiTarget(
+                rt.target, rt.client, rt.kind, self.store, rt.rounds.budget,
+                poll=self._poll, energy=self._energy, proc_root=self._processes.proc_root,
+                local=local_port(rt.target.url) is not None,
+            )  # fmt: skip
+        self.store.record_kind(rt.target.name, rt.kind)
+        return rt.kind
+
+    def _connection_lost(self, rt: _TargetRuntime, error: ServerError) -> None:
+        if error.reason == CONNECT and rt.target.mode == "auto":
+            rt.kind = None  # what answers when the port opens again may be another program
 
     async def discover(self, name: str) -> None:
         rt = self._runtimes[name]
+        await self._kind(rt)
         try:
-            info = await rt.runner.refresh()
+            if rt.multi is not None:
+                await rt.multi.discover()
+                info = None
+            else:
+                info = await rt.runner.refresh()
         except ServerError as exc:
+            self._connection_lost(rt, exc)
             self.store.record_discovery(name, None, exc.reason)
             log.warning("server_unavailable", target=name, reason=exc.reason, detail=exc.detail)
         else:
-            self.store.record_discovery(name, info, None)
-            await self._refresh_model(rt, info)
+            if info is not None:
+                self.store.record_discovery(name, info, None)
+                await self._refresh_model(rt, info)
         self.store.record_duty(name, rt.rounds.budget.used())
 
     async def _refresh_model(self, rt: _TargetRuntime, info: ServerInfo) -> None:
@@ -174,43 +217,49 @@ class Daemon:
             self.store.record_tokens_held(name, held)
             return
         rt.model_key = key
-        proc = self._processes.proc_root
-        argv = read_cmdline(pid, proc_root=proc) if pid is not None else None
-        environ = read_environ(pid, proc_root=proc) if pid is not None else None
-        cwd = read_cwd(pid, proc_root=proc) if pid is not None else None
-        work = functools.partial(
-            model_facts, info, rt.target.kv, list(argv) if argv else None, environ,
-            server_cwd=cwd,
+        facts, error, retry = await read_facts(
+            rt.model_reads, info, rt.target.kv, pid,
+            proc_root=self._processes.proc_root, target=name,
         )  # fmt: skip
-        try:
-            # Off the event loop, and off asyncio's executor too, which the exit joins: a file
-            # on a hung mount never answers, and discovery goes on without it.
-            facts = await rt.model_reads.run(work, name=f"model-read:{name}")
-        except (DeadlineExceededError, StillBlockedError) as exc:
+        if retry:
             rt.model_key = None  # read again at the next discovery, once the thread is free
-            timed_out = isinstance(exc, DeadlineExceededError)
-            detail = (
-                f"timed out reading the model file ({rt.model_reads.deadline:g} s)"
-                if timed_out
-                else "an earlier read of the model file is still blocked; not reading again"
-            )
-            self.store.record_model(name, None, MODEL_UNREADABLE, held)
-            log.warning("kv_cache_unknown", target=name, reason=MODEL_UNREADABLE, detail=detail,
-                        model_path=clean_text(info.model_path, 512))  # fmt: skip
-        except FactsError as exc:
-            self.store.record_model(name, None, exc.reason, held)
-            log.warning("kv_cache_unknown", target=name, reason=exc.reason, detail=exc.detail)
-        else:
-            self.store.record_model(name, facts, None, held)
+        self.store.record_model(name, facts, error, held)
 
-    async def probe(self, name: str) -> RoundResult:
+    async def probe(self, name: str) -> RoundResult | None:
+        """One scheduled round: the server's, or each loaded model's behind a router or
+        llama-swap; returns the last round's result (None where no model was probed)."""
         rt = self._runtimes[name]
-        result = await rt.rounds.next()
-        self.store.record_round(result)
-        self.store.record_duty(name, rt.rounds.budget.used())
+        await self._kind(rt)
+        if rt.multi is None:
+            result = await rt.rounds.next()
+            if result.server_error is not None:
+                self._connection_lost(rt, ServerError(result.server_error, result.detail))
+            self._record(result)
+            return result
+        try:
+            return await rt.multi.probe(self._record)
+        except ServerError as exc:
+            self._connection_lost(rt, exc)
+            self.store.record_discovery(name, None, exc.reason)
+            log.warning("server_unavailable", target=name, reason=exc.reason, detail=exc.detail)
+            return None
+        finally:
+            self.store.record_duty(name, rt.rounds.budget.used())
+
+    def _record(self, result: RoundResult) -> None:
+        name = result.target
+        replaced = self.store.record_round(result)
+        self.store.record_duty(name, self._runtimes[name].rounds.budget.used())
         failed = any(o.failure for o in result.outcomes.values())
+        canary = result.canary
+        failed |= canary is not None and canary.failure not in (None, DISCARD_OVERLAP)
         (log.warning if failed else log.info)("probe_round", **round_event(result))
-        return result
+        if replaced is not None and canary is not None and canary.output is not None:
+            server = result.server
+            log.warning(
+                "canary_output_changed", target=name, model=server.model if server else None,
+                was=replaced, now=canary.output.fingerprint,
+            )  # fmt: skip
 
     def skipped_in_progress(self, name: str) -> None:
         self.store.record_skip(name, SKIP_IN_PROGRESS)

@@ -64,7 +64,11 @@ def measure(python: str, url: str, rounds: int) -> tuple[float, float]:
         "LLAMA_SPEED_TARGET": url,
         "LLAMA_SPEED_WEB_LISTEN_ADDRESS": f"127.0.0.1:{port}",
     }
-    proc = subprocess.Popen([python, "-m", "exporter"], env=env, stderr=subprocess.DEVNULL)
+    # From a directory of its own: `-m` puts the working directory first on the path, and a
+    # checkout there would be run instead of the version installed in `python`'s environment.
+    proc = subprocess.Popen(
+        [python, "-m", "exporter"], env=env, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir()
+    )
     try:
         deadline = time.monotonic() + rounds * ROUND_DEADLINE_S
         while True:

@@ -49,6 +49,10 @@ class FakeLlama:
     on_completion: Callable[[dict[str, Any]], None] | None = None
     # Override the timings the server reports (to test validation).
     tamper: Callable[[dict[str, Any]], None] | None = None
+    # The output canary's answer (a whole, non-streamed completion): the recorded one with
+    # each token id shifted by `canary_variant` (another output), then `canary_tamper`.
+    canary_variant: int = 0
+    canary_tamper: Callable[[dict[str, Any]], None] | None = None
     requests: list[tuple[str, Any]] = field(default_factory=list)
     slot_tokens: dict[int, list[int]] = field(default_factory=dict)
     hang_event: asyncio.Event | None = None
@@ -163,6 +167,8 @@ class FakeLlama:
         }
         if self.tamper is not None:
             self.tamper(timings)
+        if body.get("stream") is False:
+            return self._whole_answer(timings)
         final = copy.deepcopy(final_chunk_template())
         final.update(id_slot=slot, tokens_predicted=n_predict, timings=timings)
         token = {
@@ -171,3 +177,18 @@ class FakeLlama:
         events = [token] * n_predict + [final]
         text = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
         return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    def _whole_answer(self, timings: dict[str, Any]) -> httpx.Response:
+        answer = fixture_json("completion_canary.json")
+        answer["timings"].update(timings)
+
+        def shifted(token: int) -> int:
+            return (token + self.canary_variant) % self.n_vocab
+
+        answer["tokens"] = [shifted(t) for t in answer["tokens"]]
+        for entry in answer["completion_probabilities"]:
+            entry["id"] = shifted(entry["id"])
+            entry["top_logprobs"][0]["id"] = entry["id"]
+        if self.canary_tamper is not None:
+            self.canary_tamper(answer)
+        return httpx.Response(200, json=answer)

@@ -222,3 +222,33 @@ def test_busy_port_is_a_clear_error() -> None:
 def test_version() -> None:
     done = subprocess.run([*EXPORTER, "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("llama-speed-exporter ")
+
+
+def test_the_daemon_runs_in_its_own_process_without_the_settings_layer(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("handed-over-secret\n")
+    args = ("--target", "http://127.0.0.1:9", "--api-key-file", str(key), *FAST)
+    with exporter_process(*args) as (proc, base):
+        # Replaced in place (exec): the same pid, now running only the daemon.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:3] == [b"-m", b"exporter.serve"]
+        fds = Path(f"/proc/{proc.pid}/fd")
+        # The hand-over file, which held the key, is read and closed before serving.
+        assert not [fd for fd in fds.iterdir() if "memfd:" in os.readlink(fd)]
+        assert httpx.get(f"{base}/metrics", timeout=5).status_code == 200
+        code, err = stop_within(proc, 5)
+    assert code == 0
+    assert "handed-over-secret" not in err
+
+
+def test_the_daemon_s_modules_do_not_need_pydantic_settings() -> None:
+    probe = (
+        "import sys, exporter.serve; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('pydantic_settings', 'yaml') or m in ('exporter.config.settings', "
+        "'exporter.config.flags', 'exporter.cli')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -219,3 +219,23 @@ def test_a_stream_past_the_tokens_asked_for_ends_the_probe() -> None:
     assert info.value.reason == "bad_response"
     # One event a token and the final one is what llama-server sends.
     assert complete(token * 3 + event({"stop": True, "timings": TIMINGS})).timings.prompt_n == 4
+
+
+def test_a_completion_sent_on_a_connection_closed_under_it_is_sent_once_more() -> None:
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:  # the server had closed the kept-alive connection
+            raise httpx.RemoteProtocolError("Server disconnected", request=request)
+        return httpx.Response(200, content=event({"stop": True, "timings": TIMINGS}))
+
+    async def go() -> Any:
+        client = client_for(handler)
+        try:
+            return await client.complete({"prompt": [1], "n_predict": 3}, timeout=5)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go()).timings.prompt_n == 4
+    assert len(calls) == 2

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import main, parse
-from exporter.config import DEFAULT_LISTEN_ADDRESS, ConfigError
+from exporter.config import ConfigError
+from exporter.config.resolved import config_from_json, config_to_json
+from exporter.config.settings import DEFAULT_LISTEN_ADDRESS
 
 
 @pytest.fixture(autouse=True)
@@ -261,3 +263,18 @@ def test_an_unknown_secret_flag_is_refused_without_echoing_its_value(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments" in err and "s3cr3t-value" not in err
+
+
+def test_the_handed_over_configuration_is_the_resolved_one(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path,
+        "c.yaml",
+        "probe:\n  depths: [0, 4096]\n  discovery_timeout: 3\n"
+        "web:\n  telemetry_path: /m\n  config_file: /etc/web.yml\n"
+        "targets:\n  - name: a\n    url: http://a:1\n    api_key: k1\n    proxy: http://p:3\n"
+        "    pid_file: /run/a.pid\n    model_path: /models/a.gguf\n    cache_type_k: q8_0\n"
+        "    kv_unified: true\n    probe:\n      repetitions: 2\n"
+        "  - url: http://b:2\n    process_name: llama-server\n",
+    )
+    _, config = parse(["--config.file", str(cfg), "--collector.gpu", "false"])
+    assert config_from_json(config_to_json(config)) == config

@@ -14,7 +14,12 @@ from exporter.bench.report import render_report, summary_table
 from exporter.cli import parse
 from exporter.collectors import catalogue as metrics
 from exporter.config.flags import markdown_table
-from exporter.probe.results import DISCARD_REASONS, FAILURE_REASONS, SKIP_REASONS
+from exporter.probe.results import (
+    CANARY_FAILURE_REASONS,
+    DISCARD_REASONS,
+    FAILURE_REASONS,
+    SKIP_REASONS,
+)
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -39,7 +44,7 @@ def test_readme_lists_every_metric_with_its_type_and_labels() -> None:
 
 
 def test_readme_names_every_reason() -> None:
-    for reason in (*FAILURE_REASONS, *SKIP_REASONS, *DISCARD_REASONS):
+    for reason in (*FAILURE_REASONS, *SKIP_REASONS, *DISCARD_REASONS, *CANARY_FAILURE_REASONS):
         assert f"`{reason}`" in README, reason
 
 

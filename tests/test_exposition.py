@@ -21,7 +21,14 @@ from exporter.kv.cache import KvCapacity
 from exporter.kv.facts import ModelFacts
 from exporter.llama.client import Timings
 from exporter.llama.discovery import ServerInfo
-from exporter.probe.results import KINDS, KindOutcome, RoundResult, Sample
+from exporter.probe.results import (
+    KINDS,
+    CanaryOutcome,
+    CanaryOutput,
+    KindOutcome,
+    RoundResult,
+    Sample,
+)
 from exporter.schedule.plan import Schedule
 from exporter.state.store import Store, TargetState
 from tests import fake_pynvml
@@ -59,12 +66,24 @@ def tg(depth: int, steps: int, ms: float) -> Sample:
     return Sample("generation", depth, steps, ms / 1000, None, t, energy_joules=ms * 0.23)
 
 
-def good_round(info: ServerInfo, at: float = 1_790_000_000.0) -> RoundResult:
+CANARY_BEFORE = CanaryOutput(tuple(range(32)), 0.61)
+CANARY_AFTER = CanaryOutput(tuple(range(1, 33)), 0.58)
+
+
+def canary_round(info: ServerInfo, at: float, canary: CanaryOutcome) -> RoundResult:
+    """A round that measured nothing but its canary."""
+    return RoundResult("prod", at, 0.2, info, canary=canary)
+
+
+def good_round(
+    info: ServerInfo, at: float = 1_790_000_000.0, canary: CanaryOutcome | None = None
+) -> RoundResult:
     return RoundResult(
         target="prod",
         started_at=at,
         duration=14.5,
         server=info,
+        canary=canary,
         outcomes={
             "prompt": KindOutcome(
                 "prompt", (pp(0, 512, 640.0, 0.71), pp(8192, 512, 800.0, 0.93)), duration=1.9,
@@ -80,7 +99,13 @@ def good_round(info: ServerInfo, at: float = 1_790_000_000.0) -> RoundResult:
 
 def populated_store() -> Store:
     store = Store([("prod", "http://gpu-box:8080"), ("lab", "http://lab:8080")])
-    store.record_round(good_round(server()))
+    # The canary's output settled, then changed and repeated: one change, confirmed by the
+    # last round; one canary overlapped by production.
+    earlier = (CANARY_BEFORE, CANARY_BEFORE, None, CANARY_AFTER)
+    for n, output in enumerate(earlier):
+        outcome = CanaryOutcome(output, None if output else "overlap")
+        store.record_round(canary_round(server(), 1_789_990_000.0 + 1200 * n, outcome))
+    store.record_round(good_round(server(), canary=CanaryOutcome(CANARY_AFTER)))
     store.record_skip("prod", "busy")
     # The seed's geometry: 9,984 B/token, 262,144 cells, two slots of recurrent state; an
     # A3B mixture of experts at IQ3_M reads about 1.5 GB of weights per token.

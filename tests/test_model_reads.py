@@ -92,7 +92,7 @@ def test_a_hung_read_meets_its_deadline_and_is_not_repeated_while_hung(
         release.wait()  # a read on a mount that does not answer
         raise FactsError(MODEL_INVALID, "the file, once it answered")
 
-    monkeypatch.setattr("exporter.daemon.model_facts", hung_model_facts)
+    monkeypatch.setattr("exporter.kv.reads.model_facts", hung_model_facts)
     try:
         with daemon_for(Target("t", "http://llama"), FakeLlama()) as daemon:
             daemon._runtimes["t"].model_reads = BlockingSlot(deadline=0.2)

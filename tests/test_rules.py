@@ -102,7 +102,7 @@ def test_example_config_loads_both_rule_files() -> None:
 
 def test_test_files_exist() -> None:
     assert [p.name for p in TEST_FILES] == [
-        "availability_test.yml", "probes_test.yml", "recording_test.yml",
+        "availability_test.yml", "canary_test.yml", "probes_test.yml", "recording_test.yml",
         "regression_test.yml", "resources_test.yml",
     ]  # fmt: skip
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from exporter.config import ConfigError, load_config
+from exporter.config import ConfigError
+from exporter.config.settings import load_config
 from exporter.probe.plan import (
     MAX_DEPTH,
     MAX_REPETITIONS,

@@ -11,10 +11,10 @@ matplotlib is an optional dependency, imported only when a chart is written.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from exporter.bench.files import write_private
 from exporter.bench.record import BenchRecord, RunRecord
@@ -66,7 +66,7 @@ def chart_series(records: Sequence[BenchRecord]) -> list[Series]:
     charted = [[run for run in record.runs if run.tests] for record in records]
     x_axis: XAxis = "depth" if all(len(runs) <= 1 for runs in charted) else "context"
     out: list[Series] = []
-    for label, runs in zip(_unique_labels(records), charted, strict=True):
+    for label, runs in zip(unique_labels(records), charted, strict=True):
         if x_axis == "context":
             out.extend(_against_context(label, runs))
         else:
@@ -75,6 +75,17 @@ def chart_series(records: Sequence[BenchRecord]) -> list[Series]:
 
 
 def write_chart(records: Sequence[BenchRecord], path: Path) -> None:
+    series = chart_series(records)
+
+    def draw(axes: Sequence[Any]) -> None:
+        for ax, (kind, title) in zip(axes, _PANELS, strict=True):
+            _draw_panel(ax, title, [s for s in series if s.kind == kind])
+
+    write_panels(path, len(_PANELS), draw)
+
+
+def write_panels(path: Path, panels: int, draw: Callable[[Sequence[Any]], None]) -> None:
+    """A PNG of `panels` side by side, each drawn by `draw`; every bench chart is one."""
     try:
         # Lazily: `bench` writes its reports without matplotlib, only the chart needs it.
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
@@ -82,20 +93,17 @@ def write_chart(records: Sequence[BenchRecord], path: Path) -> None:
     except ImportError as exc:
         raise ChartUnavailableError(MISSING_MATPLOTLIB) from exc
 
-    series = chart_series(records)
     # A Figure with its own canvas, not pyplot: no global state, no GUI backend chosen.
     figure = Figure(figsize=FIGSIZE_INCHES, dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(_PANELS))
-    for ax, (kind, title) in zip(axes, _PANELS, strict=True):
-        _draw_panel(ax, title, [s for s in series if s.kind == kind])
+    draw(figure.subplots(1, panels))
     # Without the Software entry the PNG holds no matplotlib version: same data, same bytes.
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=DPI, metadata={"Software": None})
     write_private(path, png.getvalue())
 
 
-def _unique_labels(records: Sequence[BenchRecord]) -> list[str]:
+def unique_labels(records: Sequence[BenchRecord]) -> list[str]:
     labels = [record.label for record in records]
     return [
         f"{label} ({i + 1})" if labels.count(label) > 1 else label for i, label in enumerate(labels)

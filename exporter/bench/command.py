@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -19,12 +21,18 @@ from exporter import log
 from exporter.bench.chart import ChartUnavailableError, write_chart
 from exporter.bench.compare import compare_data, compare_markdown
 from exporter.bench.files import make_private_dir, write_private
+from exporter.bench.flag_types import int_list, positive
 from exporter.bench.launch import ServerCommand, ServerCommandError
 from exporter.bench.progress import display
+from exporter.bench.quality import BaselineEstimate
+from exporter.bench.quality_chart import write_quality_chart
+from exporter.bench.quality_flags import add_quality_flags, quality_settings
 from exporter.bench.record import BenchFileError, BenchRecord, PlanRecord, load
 from exporter.bench.report import render_report, summary_table
 from exporter.bench.sweep import Bench, BenchSettings, probe_plans
+from exporter.bench.target import RefusedError, choose_at
 from exporter.gpu.nvml import Nvml
+from exporter.llama.client import ServerError
 from exporter.probe.plan import MeasurePlan
 from exporter.safe_argparse import SafeArgumentParser
 
@@ -41,36 +49,6 @@ logger = structlog.get_logger("bench")
 # The daemon's declaration of each probe setting; bench takes its defaults from there, except
 # the repetitions, which default to llama-bench's 5.
 _PLAN_FIELDS = MeasurePlan.model_fields
-
-
-def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            values = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a comma-separated list of integers"
-            ) from None
-        if not values:
-            raise argparse.ArgumentTypeError("the list is empty")
-        if min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least {minimum}")
-        return values
-
-    return parse
-
-
-def _positive(kind: Callable[[str], float | int]) -> Callable[[str], float | int]:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-        return value
-
-    return parse
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -92,15 +70,21 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--ctx",
-        type=_int_list(1),
+        type=int_list(1),
         metavar="LIST",
         help="context sizes (-c) to launch, e.g. 32768,65536",
     )
     run.add_argument("--api-key-file", type=Path, help="file holding the --target server's API key")
     run.add_argument(
+        "--model",
+        metavar="NAME",
+        help="with --target, behind a router or llama-swap: measure this loaded model (default: "
+        "the one loaded); a model that is not loaded is refused, never loaded",
+    )
+    run.add_argument(
         "-p",
         "--prompt-tokens",
-        type=_int_list(1),
+        type=int_list(1),
         default=(_PLAN_FIELDS["prompt_tokens"].default,),
         metavar="LIST",
         help="PP sizes (default 512)",
@@ -108,7 +92,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     run.add_argument(
         "-n",
         "--generation-tokens",
-        type=_int_list(2),
+        type=int_list(2),
         default=(_PLAN_FIELDS["generation_tokens"].default,),
         metavar="LIST",
         help="TG sizes (default 128)",
@@ -116,25 +100,25 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     run.add_argument(
         "-d",
         "--depths",
-        type=_int_list(0),
+        type=int_list(0),
         default=_PLAN_FIELDS["depths"].default,
         metavar="LIST",
         help="tokens already in context, e.g. 0,4096,16384 (default 0)",
     )
     run.add_argument(
-        "-r", "--repetitions", type=_positive(int), default=5, help="samples per test (default 5)"
+        "-r", "--repetitions", type=positive(int), default=5, help="samples per test (default 5)"
     )
     run.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up request")
     run.add_argument(
         "--probe-timeout",
-        type=_positive(float),
+        type=positive(float),
         default=1800.0,
         metavar="S",
         help="seconds one run's probes may take (default 1800)",
     )
     run.add_argument(
         "--load-timeout",
-        type=_positive(float),
+        type=positive(float),
         default=600.0,
         metavar="S",
         help="seconds a launched server may take to load (default 600)",
@@ -145,6 +129,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     run.add_argument("--no-gpu", action="store_true", help="do not read GPUs through NVML")
     run.add_argument("--no-chart", action="store_true", help="do not draw chart.png")
+    add_quality_flags(run)
     # The daemon's spelling first; the dashed one of earlier releases still works.
     run.add_argument(
         "--log.format", "--log-format", dest="log_format", choices=("console", "json"),
@@ -176,6 +161,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     chart.add_argument("results", type=Path, nargs="+", metavar="RESULT.json")
     chart.add_argument("-o", "--out", type=Path, default=Path(CHART_PNG), metavar="FILE")
+    chart.add_argument(
+        "--quality",
+        action="store_true",
+        help="draw each run's mean KL divergence (or PPL) against its PP and TG speed",
+    )
     return parser
 
 
@@ -195,6 +185,10 @@ def main(argv: Sequence[str], prog: str) -> int:
         settings = _settings(args)
     except (ServerCommandError, OSError, ValueError) as exc:
         parser.error(str(exc))
+    except RefusedError as exc:
+        # Not a mistake in the flags: the target's state. One line, and nothing was written.
+        print(f"{prog} bench: refused: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return _run(args, settings)
 
 
@@ -215,6 +209,8 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         raise ValueError("--ctx needs --server-cmd: a running server's context is its own")
     else:
         ctxs = args.ctx or (None,)
+    if args.model is not None and args.target is None:
+        raise ValueError("--model needs --target: --server-cmd runs the model its command loads")
     command = None
     if args.server_cmd is not None:
         command = ServerCommand.parse(args.server_cmd)
@@ -230,6 +226,7 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         repetitions=args.repetitions,
         warmup=not args.no_warmup,
     )
+    quality, estimate = quality_settings(args, out)
     settings = BenchSettings(
         plan=plan,
         probe_timeout=args.probe_timeout,
@@ -239,13 +236,35 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         command=command,
         ctxs=ctxs,
         target=args.target,
+        model=args.model,
         api_key=api_key,
+        quality=quality,
     )
     _check_plans(settings)
+    if settings.target is not None:
+        settings = _choose_model(settings, settings.target)
     # Last: a refused command leaves no output directory behind.
     make_private_dir(out)
     args.out = out
+    args.quality_estimate = estimate
     return settings
+
+
+def _choose_model(settings: BenchSettings, url: str) -> BenchSettings:
+    """The target's model, chosen before the output directory exists: a model that is not
+    loaded, or a choice bench cannot make, is refused here, before any request names a model.
+
+    Raises `RefusedError`, or `SeveralModelsError` (a usage error)."""
+    try:
+        chosen = asyncio.run(
+            choose_at(url, settings.api_key, settings.model, timeout=settings.probe_timeout)
+        )
+    except ServerError:
+        return settings  # the run reads the list again, and records why it cannot
+    if chosen.model is None:
+        return settings
+    # Named for the run: it measures this model, even if another is loaded meanwhile.
+    return dataclasses.replace(settings, model=chosen.model.name)
 
 
 def _check_plans(settings: BenchSettings) -> None:
@@ -267,6 +286,10 @@ def _interrupt_on_sigterm() -> None:
 
 def _run(args: argparse.Namespace, settings: BenchSettings) -> int:
     out: Path = args.out
+    estimate: BaselineEstimate | None = args.quality_estimate
+    if estimate is not None:
+        # Said before it is written: on a real model the file takes gigabytes.
+        print(f"bench: quality: {estimate.text()}", file=sys.stderr)
     make_private_dir(settings.log_dir)
     interactive = sys.stderr.isatty() and args.log_format == "console"
     progress = display(interactive=interactive)
@@ -300,7 +323,12 @@ def _run(args: argparse.Namespace, settings: BenchSettings) -> int:
     if record.interrupted:
         return EXIT_INTERRUPTED
     stable = record.runs and all(run.status == "stable" for run in record.runs)
-    return EXIT_OK if stable else EXIT_NOT_ALL_STABLE
+    # Asked for and not measured counts as a failure too, so that a script notices.
+    baseline = record.quality_baseline
+    quality_failed = any(
+        run.quality.status != "measured" for run in record.runs if run.quality
+    ) or (baseline is not None and baseline.status == "failed")
+    return EXIT_OK if stable and not quality_failed else EXIT_NOT_ALL_STABLE
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -334,8 +362,9 @@ def _emit(text: str, out: Path | None) -> int:
 
 
 def _chart(args: argparse.Namespace) -> int:
+    draw = write_quality_chart if args.quality else write_chart
     try:
-        write_chart([load(path) for path in args.results], args.out)
+        draw([load(path) for path in args.results], args.out)
     except (BenchFileError, ChartUnavailableError) as exc:
         print(f"bench chart: {exc}", file=sys.stderr)
         return EXIT_USAGE

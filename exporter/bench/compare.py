@@ -22,6 +22,12 @@ past their limits) keeps its figures and its verdicts, since the statistics are 
 difference on its row reads "untrustworthy", the row's status names the disturbed run, and a
 list under the table says why. Runs recorded without host load are not judged.
 
+When either file measured quality (`--quality-text`), a Quality column shows each run's mean KL
+divergence and PPL, and the "B vs A" row their differences with a z-test on llama-perplexity's
+± (`exporter.bench.quality_figures`); a last sentence answers the owner's question, faster and
+better or not (`exporter.bench.goal`). Quality is measured apart from the server, so it shows
+beside a run that did not load too. Without quality the table is as it always was.
+
 Contexts read "32k" when they are a whole number of 1024 tokens (how -c values are given) and
 with thousands separators otherwise ("1,000"). The output depends on the records only, so it can
 be compared with a golden file. `compare_data` is the same comparison as JSON-ready data.
@@ -34,6 +40,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
+from exporter.bench.goal import goal_data, goal_sentence, quality_data
+from exporter.bench.quality_figures import (
+    change_cell,
+    compare_kld,
+    compare_ppl,
+    compare_quality,
+    short_cell,
+)
 from exporter.bench.record import (
     OTHER_CORES_LIMIT,
     STATUS_TEXT,
@@ -64,6 +78,12 @@ LEGEND: Final = (
     "*within noise* when it does not, *noise unknown* when a run has a single repetition; "
     "memory and KV cache: B minus A, in their columns' units."
 )
+QUALITY_LEGEND: Final = (
+    "Quality: mean KL divergence from the baseline (KLD, lower is better) and perplexity of the "
+    "text (PPL), each ± its standard error as llama-perplexity prints it. B vs A: B's KLD minus "
+    "A's when both were measured against the same baseline, else PPL's relative change over "
+    "the same tokens; *significant* when the difference exceeds 1.96 × √(e_A² + e_B²)."
+)
 
 
 def verdict(a: TestStats, b: TestStats) -> Verdict:
@@ -85,11 +105,13 @@ def compare_markdown(
     runs_a, runs_b = _by_context(a.runs), _by_context(b.runs)
     tests = _test_columns(a, b)
     memory = [_memory_column(a, b), _KV_COLUMN]
+    quality = _has_quality(a, b)
     header = [
         "Context",
         "Run",
         *(f"{_test_title(key)} (tok/s)" for key in tests),
         *(m.title for m in memory),
+        *(["Quality"] if quality else []),
         "Status",
     ]
     rows: list[list[str]] = []
@@ -97,9 +119,10 @@ def compare_markdown(
     for key in sorted(runs_a.keys() | runs_b.keys(), key=_context_order):
         ra, rb = runs_a.get(key), runs_b.get(key)
         ctx = _context_cell(key)
-        rows.append([ctx, na, *_run_cells(ra, tests, memory)])
-        rows.append([ctx, nb, *_run_cells(rb, tests, memory)])
-        rows.append([ctx, "B vs A", *_difference_cells(ra, rb, tests, memory)])
+        rows.append([ctx, na, *_with_quality(_run_cells(ra, tests, memory), quality, ra)])
+        rows.append([ctx, nb, *_with_quality(_run_cells(rb, tests, memory), quality, rb)])
+        difference = _difference_cells(ra, rb, tests, memory)
+        rows.append([ctx, "B vs A", *_with_quality_change(difference, quality, ra, rb)])
         warnings += [
             f"- {ctx}, {side} ({name}): {'; '.join(run.disturbed)}"
             for side, name, run in (("A", na, ra), ("B", nb, rb))
@@ -112,6 +135,8 @@ def compare_markdown(
         body,
         LEGEND,
     ]
+    if quality:
+        parts += [QUALITY_LEGEND, goal_sentence(_pairs(runs_a, runs_b), a, b, na, nb)]
     if warnings:
         parts.append(
             "**⚠️ Disturbed by host load**: on these runs other processes or the hypervisor took "
@@ -153,7 +178,9 @@ def compare_data(
                 "trustworthy": comparable and not disturbed,
             }
         )
-    return {
+        if _has_quality(a, b):
+            contexts[-1]["quality"] = _quality_pair_data(ra, rb)
+    data: dict[str, Any] = {
         "schema": COMPARE_SCHEMA,
         "a": _record_data(na, a),
         "b": _record_data(nb, b),
@@ -162,6 +189,51 @@ def compare_data(
             "steal_percent": STEAL_PERCENT_LIMIT,
         },
         "contexts": contexts,
+    }
+    if _has_quality(a, b):
+        data["goal"] = goal_data(_pairs(runs_a, runs_b), a, b, na, nb)
+    return data
+
+
+def _has_quality(a: BenchRecord, b: BenchRecord) -> bool:
+    """Whether either bench measured quality: only then has the table a Quality column."""
+    return any(run.quality is not None for run in (*a.runs, *b.runs))
+
+
+def _pairs(
+    runs_a: dict[ContextKey, RunRecord], runs_b: dict[ContextKey, RunRecord]
+) -> list[tuple[RunRecord, RunRecord]]:
+    shared = sorted(runs_a.keys() & runs_b.keys(), key=_context_order)
+    return [(runs_a[key], runs_b[key]) for key in shared]
+
+
+def _with_quality(cells: list[str], quality: bool, run: RunRecord | None) -> list[str]:
+    # Measured apart from the server: shown whatever the run's speed status.
+    if not quality:
+        return cells
+    cell = short_cell(run.quality) if run is not None else ABSENT
+    return [*cells[:-1], cell, cells[-1]]
+
+
+def _with_quality_change(
+    cells: list[str], quality: bool, ra: RunRecord | None, rb: RunRecord | None
+) -> list[str]:
+    if not quality:
+        return cells
+    cell = change_cell(ra.quality, rb.quality) if ra is not None and rb is not None else ABSENT
+    return [*cells[:-1], cell, cells[-1]]
+
+
+def _quality_pair_data(ra: RunRecord | None, rb: RunRecord | None) -> dict[str, Any]:
+    qa = ra.quality if ra is not None else None
+    qb = rb.quality if rb is not None else None
+    return {
+        "a": qa.model_dump(mode="json", exclude={"log_lines"}) if qa is not None else None,
+        "b": qb.model_dump(mode="json", exclude={"log_lines"}) if qb is not None else None,
+        # The figure that judges quality (KLD from one baseline, else PPL), then each alone.
+        "figure": compare_quality(qa, qb).figure,
+        "kld": quality_data(compare_kld(qa, qb)),
+        "ppl": quality_data(compare_ppl(qa, qb)),
     }
 
 

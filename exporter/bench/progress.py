@@ -11,6 +11,7 @@ from typing import Protocol, Self
 
 import structlog
 
+from exporter.bench.quality_figures import short_cell
 from exporter.bench.record import STATUS_TEXT, RunRecord
 from exporter.bench.report import DISTURBED
 from exporter.bench.sweep import Observer
@@ -49,7 +50,9 @@ def outcome(run: RunRecord) -> str:
     why = f" ({run.reason})" if run.reason and run.status != "stable" else ""
     # Said as the run ends, not only in the report: the owner may rerun it at once.
     disturbed = f" ({DISTURBED}: {'; '.join(run.disturbed)})" if run.disturbed else ""
-    return f"{STATUS_TEXT[run.status]}{why}{disturbed}" + (f": {figures}" if figures else "")
+    quality = f"; quality {short_cell(run.quality)}" if run.quality is not None else ""
+    text = f"{STATUS_TEXT[run.status]}{why}{disturbed}" + (f": {figures}" if figures else "")
+    return text + quality
 
 
 class LogProgress:
@@ -92,4 +95,5 @@ class LogProgress:
             reason=run.reason or None,
             tests={t.name: round(t.mean, 2) for t in run.tests},
             disturbed=list(run.disturbed) or None,
+            quality=short_cell(run.quality) if run.quality is not None else None,
         )

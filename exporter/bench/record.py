@@ -14,6 +14,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
 from exporter.bench.files import write_private
+from exporter.llama.router import TargetKind
 from exporter.probe.results import Kind, Sample
 from exporter.probe.stats import TestStats, summarize
 
@@ -151,6 +152,79 @@ class HostLoadRecord(_Record):
         return tuple(reasons)
 
 
+class Estimate(_Record):
+    """A figure with the ± llama-perplexity prints beside it: the standard error of a mean."""
+
+    value: float
+    error: float
+
+
+# measured: llama-perplexity printed every figure asked for.
+# failed: it could not run, crashed, timed out, or printed no result (see `reason`).
+# interrupted: Ctrl-C or SIGTERM arrived while it ran.
+QualityStatus = Literal["measured", "failed", "interrupted"]
+QualityMode = Literal["perplexity", "kl_divergence"]
+
+
+class QualityRecord(_Record):
+    """What llama-perplexity measured of a run's model and options (docs/quality.md).
+
+    `perplexity`: PPL of the text. `kl_divergence`: the same text's tokens, read from the
+    baseline's file, and how far this model's distributions are from the baseline's.
+    """
+
+    status: QualityStatus
+    reason: str = ""
+    mode: QualityMode
+    text: str  # the text's file name
+    text_sha256: str
+    ctx: int  # llama-perplexity's -c
+    chunks: int | None = None  # chunks evaluated, as llama-perplexity said
+    baseline_model: str | None = None  # kl_divergence: the baseline model's file name
+    baseline_model_bytes: int | None = None
+    ppl: Estimate | None = None
+    ppl_base: Estimate | None = None  # the baseline's PPL over the same tokens
+    ppl_ratio: Estimate | None = None  # Mean PPL(Q)/PPL(base)
+    ln_ppl_ratio: Estimate | None = None  # Mean ln(PPL(Q)/PPL(base))
+    kld: Estimate | None = None  # mean KL divergence from the baseline, nats per token
+    kld_median: float | None = None
+    kld_p99: float | None = None
+    kld_max: float | None = None
+    same_top_percent: Estimate | None = None  # tokens whose most likely next token agrees
+    command: tuple[str, ...] = ()  # as run, secrets redacted
+    dropped_options: tuple[str, ...] = ()  # the server command's options left out, by name
+    measured_in_run: int | None = None  # the run (1-based) after which it was measured
+    seconds: float | None = None
+    log_file: str | None = None
+    log_lines: tuple[str, ...] = ()  # the tool's last lines when it failed, redacted
+
+
+BaselineStatus = Literal["measured", "reused", "failed", "interrupted"]
+
+
+class QualityBaselineRecord(_Record):
+    """The reference distributions every run's KL divergence is measured against."""
+
+    status: BaselineStatus
+    reason: str = ""
+    model: str | None = None  # file name of the baseline model; None for a reused file
+    model_bytes: int | None = None
+    logits_file: str  # llama-perplexity's --kl-divergence-base file
+    logits_bytes: int | None = None  # its size once written
+    estimated_bytes: int | None = None  # the most it could take, said before it was written
+    n_vocab: int | None = None
+    text: str
+    text_sha256: str
+    ctx: int
+    chunks: int  # asked for
+    n_chunk: int | None = None  # in the file: fewer when the text is short
+    ppl: Estimate | None = None  # the baseline's own PPL
+    command: tuple[str, ...] = ()
+    seconds: float | None = None
+    log_file: str | None = None
+    log_lines: tuple[str, ...] = ()
+
+
 class RunRecord(_Record):
     ctx: int | None  # the -c asked for; None against a running server
     status: Status
@@ -169,6 +243,7 @@ class RunRecord(_Record):
     load_seconds: float | None = None
     duration_seconds: float = 0.0
     host_load: HostLoadRecord | None = None  # None: not recorded (a failed start, an old file)
+    quality: QualityRecord | None = None  # None: not asked for (no --quality-text)
 
     @property
     def disturbed(self) -> tuple[str, ...]:
@@ -234,11 +309,17 @@ class BenchRecord(_Record):
     exporter_version: str
     command: tuple[str, ...] | None = None  # launch mode, secrets redacted, without -c/--port
     target: str | None = None  # target mode
+    # Target mode: what answered at `target` ("single", "router" or "llama-swap"; None where
+    # it could not be asked), and the model measured there (behind a router or llama-swap,
+    # or named with --model). None in a file written before bench knew of them.
+    target_kind: TargetKind | None = None
+    target_model: str | None = None
     llama_cpp_build: str = "unknown"
     host: HostRecord
     plan: PlanRecord
     runs: tuple[RunRecord, ...] = ()
     interrupted: bool = False
+    quality_baseline: QualityBaselineRecord | None = None  # None: no --quality-baseline
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 

@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import PurePath
 from typing import Final
 
+from exporter.bench.quality_figures import short_cell
+from exporter.bench.quality_report import quality_header, quality_section
 from exporter.bench.record import STATUS_TEXT, BenchRecord, HostLoadRecord, RunRecord
 from exporter.bench.units import ctx_label, gib, size, speed
 from exporter.kv.server_args import ServerArgsError, server_kv_args
@@ -58,12 +60,21 @@ def _header(record: BenchRecord) -> list[str]:
         command = shlex.join(redacted(record.command))
         lines.append(_line("Server command", f"`{command} -c <context>`"))
     if record.target is not None:
-        lines.append(_line("Server", f"`{redacted_text(record.target)}` (already running)"))
+        lines.append(_line("Server", _target(record, record.target)))
     kv = next((r.kv for r in record.runs if r.kv is not None), None)
     if kv is not None:
         lines.append(_line("Cache", f"K {kv.type_k}, V {kv.type_v}" + _cache_layout(record)))
     lines.append(_line("Probes", _probes(record)))
+    lines += [_line(key, value) for key, value in quality_header(record)]
     return lines
+
+
+def _target(record: BenchRecord, url: str) -> str:
+    where = f"`{redacted_text(url)}`"
+    if record.target_kind in ("router", "llama-swap") and record.target_model is not None:
+        # Which of its models was measured: the others were loaded or not, and untouched.
+        return f"model `{record.target_model}` of the {record.target_kind} at {where}"
+    return f"{where} (already running)"
 
 
 def _cache_layout(record: BenchRecord) -> str:
@@ -144,6 +155,7 @@ def _run_section(number: int, run: RunRecord) -> list[str]:
     if run.log_lines:
         shown = [redacted_text(line) for line in run.log_lines]
         lines += ["", "Last llama-server log lines:", "", "```", *shown, "```"]
+    lines += quality_section(number, run)
     return [*lines, ""]
 
 
@@ -242,10 +254,11 @@ def summary_table(record: BenchRecord) -> list[str]:
         names += [t.name for t in run.tests if t.name not in names]
     has_vram = any(run.gpus for run in record.runs)
     has_rss = any(run.server_rss_bytes is not None for run in record.runs)
+    has_quality = any(run.quality is not None for run in record.runs)
     head = ["Context", *(f"{n} (tok/s)" for n in names)]
     head += ["VRAM (GiB)"] if has_vram else []
     head += ["Server RSS (GiB)"] if has_rss else []
-    head += ["KV cache", "Status"]
+    head += ["KV cache"] + (["Quality"] if has_quality else []) + ["Status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in record.runs:
         tests = {t.name: t for t in run.tests}
@@ -256,6 +269,8 @@ def summary_table(record: BenchRecord) -> list[str]:
         cells += [speed(tests[n]) if n in tests else "—" for n in names]
         cells += [gib(run.vram_used_bytes)] if has_vram else []
         cells += [gib(run.server_rss_bytes)] if has_rss else []
-        cells += [size(run.kv.bytes) if run.kv else "n/a", _status(run)]
+        cells += [size(run.kv.bytes) if run.kv else "n/a"]
+        cells += [short_cell(run.quality)] if has_quality else []
+        cells += [_status(run)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import re
 import time
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol
 
+import httpx
 import structlog
 from pydantic import SecretStr
 
@@ -28,6 +30,7 @@ from exporter.bench.host import build_label, host_record
 from exporter.bench.launch import ServerCommand, ServerCommandError
 from exporter.bench.load import LoadMeter
 from exporter.bench.memory import MemoryPeak
+from exporter.bench.quality import QualitySettings, QualityStep
 from exporter.bench.record import (
     BenchRecord,
     HostLoadRecord,
@@ -38,6 +41,13 @@ from exporter.bench.record import (
     ServerRecord,
     Status,
 )
+from exporter.bench.target import (
+    BenchTarget,
+    RefusedError,
+    SeveralModelsError,
+    choose_at,
+    model_pid,
+)
 from exporter.gpu.nvml import Nvml
 from exporter.host.address import local_port
 from exporter.host.proc import (
@@ -47,8 +57,10 @@ from exporter.host.proc import (
     read_environ,
 )
 from exporter.kv.facts import FactsError, KvOverrides, model_facts
-from exporter.llama.client import LlamaClient, ServerError
+from exporter.llama.activity import ActivitySource
+from exporter.llama.client import LlamaClient, ServerApi, ServerError
 from exporter.llama.discovery import ServerInfo, discover
+from exporter.llama.fleet import Fleet, FleetActivity
 from exporter.llama.redact import redacted, redacted_text
 from exporter.llama.server_process import ServerProcess, ServerStartError
 from exporter.probe.plan import MeasurePlan
@@ -87,7 +99,11 @@ class BenchSettings:
     command: ServerCommand | None = None  # launch mode
     ctxs: tuple[int | None, ...] = (None,)
     target: str | None = None  # target mode
+    # Target mode, behind a router or llama-swap: the loaded model to measure (None: the one
+    # loaded); against a single server, the model it must be serving.
+    model: str | None = None
     api_key: SecretStr | None = None
+    quality: QualitySettings | None = None  # launch mode: llama-perplexity after the first run
     # A running server may be busy with production traffic: wait for it, up to this many times.
     busy_retries: int = 3
     busy_wait_s: float = 5.0
@@ -117,6 +133,32 @@ class _RunState:
 
     def all_samples(self) -> tuple[SampleRecord, ...]:
         return tuple(SampleRecord.of(s) for s in (*self.samples, *self.pending))
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """What a run's probes speak to: the server, or one model behind a router or llama-swap."""
+
+    server: ServerApi
+    fleet: Fleet | None = None
+    model: str | None = None
+
+    @classmethod
+    def of(cls, client: LlamaClient, chosen: BenchTarget | None) -> _Scope:
+        kind = chosen.multi_kind() if chosen is not None else None
+        if chosen is None or chosen.model is None or kind is None:
+            return cls(client)
+        fleet = Fleet(client, kind)
+        # Every request names the model in the form that cannot load it (autoload=false, or
+        # /upstream/ after /running says it is ready): never a load or a swap.
+        return cls(fleet.model_client(chosen.model.name), fleet, chosen.model.name)
+
+    def activity(self) -> ActivitySource | None:
+        """The busy check: on a single server its own slots; behind a router or llama-swap
+        every loaded model's, since they share the GPUs (`FleetActivity`)."""
+        if self.fleet is None or self.model is None:
+            return None
+        return FleetActivity(self.fleet, self.model)
 
 
 def _server_record(info: ServerInfo) -> ServerRecord:
@@ -189,8 +231,10 @@ class Bench:
         on_update: Callable[[BenchRecord], None],
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
+        self._transport = transport  # tests: a fake server in place of the network
         self._nvml = nvml
         self._observer = observer
         self._on_update = on_update
@@ -207,6 +251,11 @@ class Bench:
             host=host_record(nvml),
             plan=settings.plan,
         )
+        self._quality = (
+            QualityStep(settings.quality, command, phase=observer.phase, clock=clock)
+            if settings.quality is not None and command is not None
+            else None
+        )
 
     def _timestamp(self) -> str:
         return self._now().isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -216,8 +265,9 @@ class Bench:
         runs: list[RunRecord] = []
         command, target = self.settings.command, self.settings.target
         ctxs = self.settings.ctxs if command else (None,)
-        interrupted = False
-        for index, ctx in enumerate(ctxs, start=1):
+        # An interrupt during the baseline leaves no run to do.
+        interrupted = self._quality_baseline()
+        for index, ctx in enumerate(() if interrupted else ctxs, start=1):
             title = f"ctx {ctx}" if ctx is not None else "running server"
             self._observer.run_started(index, len(ctxs), title, self.settings.samples_expected())
             try:
@@ -229,12 +279,29 @@ class Bench:
                     raise ValueError("a bench needs a server command or a target")
             except _InterruptedRunError as exc:
                 run, interrupted = exc.run, True
+            if self._quality is not None and not interrupted:
+                # After the server stopped: the two never share the GPUs.
+                quality = self._quality.measure(index)
+                run = run.model_copy(update={"quality": quality})
+                interrupted = quality.status == "interrupted"
             runs.append(run)
             self._observer.run_finished(run)
             self._publish(runs, interrupted=interrupted, finished=interrupted)
             if interrupted:
                 break
         return self._publish(runs, interrupted=interrupted, finished=True)
+
+    def _quality_baseline(self) -> bool:
+        """The baseline's distributions, before any run; whether an interrupt came meanwhile."""
+        if self._quality is None:
+            return False
+        baseline = self._quality.baseline()
+        if baseline is None:
+            return False
+        self._record = self._record.model_copy(update={"quality_baseline": baseline})
+        if baseline.status == "failed":
+            log.warning("quality_baseline_failed", reason=baseline.reason)
+        return baseline.status == "interrupted"
 
     def _publish(self, runs: list[RunRecord], *, interrupted: bool, finished: bool) -> BenchRecord:
         servers = [r.server for r in runs if r.server is not None]
@@ -343,13 +410,30 @@ class Bench:
     def _target_run(self, url: str) -> RunRecord:
         state = _RunState(None)
         started = self._clock()
-        pid = _local_pid(url)
+        try:
+            chosen = asyncio.run(self._choose(url))
+        except KeyboardInterrupt:
+            raise _InterruptedRunError(
+                RunRecord(ctx=None, status="interrupted", reason="interrupted",
+                          duration_seconds=self._clock() - started)
+            ) from None  # fmt: skip
+        # Either way nothing was measured, and no request named a model.
+        except ServerError as exc:  # the list of models could not be read
+            return self._unmeasured(started, "not_stable", f"{exc.reason}: {exc.detail}")
+        except (RefusedError, SeveralModelsError) as exc:
+            return self._unmeasured(started, "probe_failed", str(exc))
+        measured = chosen.model.name if chosen.model is not None else self.settings.model
+        self._record = self._record.model_copy(
+            update={"target_kind": chosen.kind, "target_model": measured}
+        )
+        # Behind a router or llama-swap, the model's own process holds its weights and cache.
+        pid = model_pid(url, chosen.model) if chosen.model is not None else _local_pid(url)
         peak = MemoryPeak(self._nvml, lambda: {pid} if pid is not None else set())
         # A server on another host, or another user's, has no /proc entry here: "other"
         # processes then include it, and the record says so.
         meter = self._load_meter(lambda: {pid} if pid is not None else set())
         try:
-            asyncio.run(self._probe(url, state, peak))
+            asyncio.run(self._probe(url, state, peak, chosen))
         except KeyboardInterrupt:
             raise _InterruptedRunError(
                 self._run_record(
@@ -358,6 +442,9 @@ class Bench:
             ) from None
         host_load = meter.finish()
         argv = list(read_cmdline(pid) or ()) if pid is not None else None
+        if not argv and chosen.model is not None:
+            # The router's `status.args` or llama-swap's `cmd`: the model's options all the same.
+            argv = list(chosen.model.args)
         if state.info is None:
             status: Status = "not_stable"
         else:
@@ -374,15 +461,42 @@ class Bench:
             host_load=host_load,
         )
 
+    def _unmeasured(self, started: float, status: Status, reason: str) -> RunRecord:
+        reason = redacted_text(reason)
+        return RunRecord(
+            ctx=None, status=status, reason=reason, problems=(reason,),
+            duration_seconds=self._clock() - started,
+        )  # fmt: skip
+
+    async def _choose(self, url: str) -> BenchTarget:
+        settings = self.settings
+        return await choose_at(
+            url, settings.api_key, settings.model,
+            timeout=settings.probe_timeout, transport=self._transport,
+        )  # fmt: skip
+
+    def _client(self, url: str) -> LlamaClient:
+        settings = self.settings
+        return LlamaClient(
+            url, settings.api_key, timeout=settings.probe_timeout, transport=self._transport
+        )
+
     # -- shared --------------------------------------------------------------------------
 
-    async def _probe(self, url: str, state: _RunState, peak: MemoryPeak) -> None:
+    async def _probe(
+        self, url: str, state: _RunState, peak: MemoryPeak, chosen: BenchTarget | None = None
+    ) -> None:
         settings = self.settings
-        client = LlamaClient(url, settings.api_key, timeout=settings.probe_timeout)
+        client = self._client(url)
+        scope = _Scope.of(client, chosen)
         watcher = asyncio.create_task(self._watch_memory(peak))
         try:
             self._observer.phase("reading /props")
-            info = state.info = await discover(client)
+            info = await discover(scope.server)
+            if scope.model is not None:
+                # Known by the name it is listed under, whatever alias its server has.
+                info = dataclasses.replace(info, model=scope.model)
+            state.info = info
             plan = settings.plan
             longest = max(plan.prompt_tokens), max(plan.generation_tokens)
             depths = tuple(d for d in plan.depths if fits_in_context(d, *longest, info.ctx))
@@ -391,7 +505,7 @@ class Bench:
                 state.problems.append(f"no depth of {list(plan.depths)} fits in n_ctx {info.ctx}")
                 return
             for probe_plan in probe_plans(settings, depths):
-                await self._round(client, probe_plan, state)
+                await self._round(scope, probe_plan, state)
         except ServerError as exc:
             state.problems.append(f"{exc.reason}: {exc.detail}")
         finally:
@@ -401,13 +515,16 @@ class Bench:
             peak.sample()
             await client.aclose()
 
-    async def _round(self, client: LlamaClient, plan: MeasurePlan, state: _RunState) -> None:
+    async def _round(self, scope: _Scope, plan: MeasurePlan, state: _RunState) -> None:
         def collect(sample: Sample) -> None:
             state.pending.append(sample)
             self._observer.sample(sample)
 
         energy = self._nvml.energy_joules if self._nvml is not None else (lambda: None)
-        runner = ProbeRunner("bench", client, plan, energy=energy, on_sample=collect)
+        runner = ProbeRunner(
+            "bench", scope.server, plan, model=scope.model, activity=scope.activity(),
+            energy=energy, on_sample=collect,
+        )  # fmt: skip
         for attempt in range(self.settings.busy_retries + 1):
             state.pending.clear()
             self._observer.phase("probing" if attempt == 0 else f"probing (try {attempt + 1})")

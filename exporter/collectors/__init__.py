@@ -6,6 +6,7 @@ import platform
 from collections.abc import Callable, Mapping, Sequence
 
 from exporter import __version__
+from exporter.collectors.canary import CanaryCollector
 from exporter.collectors.guard import GuardedCollectors, SnapshotCollector
 from exporter.collectors.kv import KvCollector
 from exporter.collectors.probe import ProbeCollector
@@ -27,6 +28,7 @@ def exporter_collectors(
             ("server", ServerCollector()),
             ("probe", ProbeCollector(schedules)),
             ("kv", KvCollector()),
+            ("canary", CanaryCollector()),
             *extra,
         ],
         build_labels,

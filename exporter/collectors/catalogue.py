@@ -183,6 +183,14 @@ SERVER_INFO = Metric(
     ("target", "model", "ctx", "quant", "build", "slots"),
     "What the server is serving, from /props; always 1.",
 )
+MODEL_LOADED = Metric(
+    "llama_speed_model_loaded",
+    "gauge",
+    ("target", "model"),
+    "1 if the model is loaded (router) or running (llama-swap), 0 if the server knows it but "
+    "it is not; a single server's model is 1 while the server is up. Only loaded models are "
+    "probed: a request naming another would load it.",
+)
 MODEL_PARAMETERS = Metric(
     "llama_speed_model_parameters",
     "gauge",
@@ -261,6 +269,41 @@ GENERATION_CEILING = Metric(
     "token x the process's share of memory on the GPU / the GPU's memory bandwidth).",
 )
 
+# The output canary (exporter/probe/canary.py): one fixed greedy request per round.
+CANARY_LABELS: Final = ("target", "model")
+CANARY_CHANGES = Metric(
+    "llama_speed_canary_output_changes",
+    "counter",
+    CANARY_LABELS,
+    "Times the canary's greedy output changed and the new output repeated on the next answer, "
+    "while the model name and ctx stayed the same.",
+)
+CANARY_LAST_CHANGE = Metric(
+    "llama_speed_canary_last_change_timestamp_seconds",
+    "gauge",
+    CANARY_LABELS,
+    "Unix time of the canary answer that confirmed the last output change; absent before one.",
+)
+CANARY_PROBABILITY = Metric(
+    "llama_speed_canary_token_probability",
+    "gauge",
+    CANARY_LABELS,
+    "Mean probability the model gave the canary's chosen tokens in its last valid answer.",
+)
+CANARY_INFO = Metric(
+    "llama_speed_canary_info",
+    "gauge",
+    (*CANARY_LABELS, "fingerprint"),
+    "The canary's settled output: the first 12 hex digits of the SHA-256 of its token ids; "
+    "always 1.",
+)
+CANARY_FAILURES = Metric(
+    "llama_speed_canary_failures",
+    "counter",
+    ("target", "reason"),
+    "Canary requests that gave no output to compare, by reason.",
+)
+
 # GPU state from NVML, read at scrape time (exporter/gpu).
 GPU_LABELS: Final = ("gpu", "uuid", "name")
 _JOIN = "gpu is NVML's index (PCI order, not CUDA's); join on uuid."
@@ -327,6 +370,13 @@ GPU_PROCESS_MEMORY = Metric(
     "GPU memory held by the target's llama-server process, in bytes; absent where the process "
     "is not on this host or not visible (see the exporter's log).",
 )
+GPU_MODEL_MEMORY = Metric(
+    "llama_speed_gpu_model_memory_used_bytes",
+    "gauge",
+    ("target", "model", "gpu", "uuid"),
+    "GPU memory held by the process serving one model behind a router (its child) or "
+    "llama-swap, in bytes; absent where that process is not on this host or not visible.",
+)
 
 # The web config file's reloads (exporter/web/webconfig.py); served only with --web.config.file.
 WEB_CONFIG_RELOAD_SUCCESS = Metric(
@@ -346,7 +396,7 @@ LAST_WEB_CONFIG_RELOAD_SUCCESS = Metric(
 GPU_METRICS: Final[tuple[Metric, ...]] = (
     GPU_UP, GPU_ERRORS, GPU_INFO,
     GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_UTILIZATION, GPU_POWER, GPU_ENERGY, GPU_TEMPERATURE,
-    GPU_PROCESS_MEMORY,
+    GPU_PROCESS_MEMORY, GPU_MODEL_MEMORY,
 )  # fmt: skip
 
 CATALOGUE: Final[tuple[Metric, ...]] = (
@@ -355,10 +405,11 @@ CATALOGUE: Final[tuple[Metric, ...]] = (
     PROBE_SUCCESS, PROBE_DURATION, PROBE_LAST_SUCCESS,
     PROBES, PROBE_FAILURES, PROBES_DISCARDED, PROBES_SKIPPED,
     DUTY_RATIO, DUTY_BUDGET, PROBE_INTERVAL,
-    SERVER_UP, SERVER_INFO, MODEL_PARAMETERS, MODEL_SIZE, MODEL_TRAIN_CTX,
+    SERVER_UP, SERVER_INFO, MODEL_LOADED, MODEL_PARAMETERS, MODEL_SIZE, MODEL_TRAIN_CTX,
     BUILD_INFO, COLLECTOR_SUCCESS, COLLECTOR_DURATION,
     KV_BYTES_PER_TOKEN, KV_CAPACITY_TOKENS, KV_CAPACITY_BYTES, KV_USED_TOKENS, KV_ERRORS,
     GENERATION_CEILING,
+    CANARY_CHANGES, CANARY_LAST_CHANGE, CANARY_PROBABILITY, CANARY_INFO, CANARY_FAILURES,
     *GPU_METRICS,
     WEB_CONFIG_RELOAD_SUCCESS, LAST_WEB_CONFIG_RELOAD_SUCCESS,
 )  # fmt: skip

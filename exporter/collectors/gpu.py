@@ -22,6 +22,7 @@ from exporter.collectors.catalogue import (
     GPU_MEMORY_TOTAL,
     GPU_MEMORY_USED,
     GPU_METRICS,
+    GPU_MODEL_MEMORY,
     GPU_POWER,
     GPU_PROCESS_MEMORY,
     GPU_TEMPERATURE,
@@ -89,28 +90,59 @@ class GpuCollector:
                 if value is not None:  # unsupported or failed: omitted, never a sentinel
                     family.add_metric(labels, float(value))
         process, ceiling = GPU_PROCESS_MEMORY.family(), GENERATION_CEILING.family()
+        per_model = GPU_MODEL_MEMORY.family()
         weights = _weight_bytes(targets)
         for target, pid in sorted(self._target_pids().items()):
             if pid is None:
                 continue
-            shares: list[GpuShare] = []
-            complete = True  # a GPU without a known bandwidth would make the bound too high
-            for g in reading.gpus:
-                used = next((p.used_bytes for p in g.processes or () if p.pid == pid), None)
-                if used is not None:  # only GPUs where the process holds memory
-                    process.add_metric([target, str(g.index), g.uuid], float(used))
-                    if g.memory_bus_width_bits and g.max_memory_clock_mhz:
-                        shares.append(
-                            GpuShare(used, g.memory_bus_width_bits, g.max_memory_clock_mhz)
-                        )
-                    else:
-                        complete = False
+            shares, complete = _shares(reading, pid, [target], process)
             if target in weights and shares and complete:
                 model, per_token = weights[target]
                 bound = generation_ceiling(per_token, shares)
                 if bound is not None:
                     ceiling.add_metric([target, model], bound)
-        return [info, *(family for family, _ in per_gpu), process, ceiling]
+        _per_model(reading, targets, per_model, ceiling)
+        return [info, *(family for family, _ in per_gpu), process, per_model, ceiling]
+
+
+def _per_model(
+    reading: GpuReading, targets: Sequence[TargetState], memory: _Family, ceiling: _Family
+) -> None:
+    """Behind a router or llama-swap each model has a process of its own (the router's
+    child): its memory and its bound are the model's."""
+    for t in targets:
+        if not t.multi:
+            continue
+        for view in t.views():
+            if view.pid is None or view.server is None:
+                continue
+            labels = [t.name, view.server.model]
+            shares, complete = _shares(reading, view.pid, labels, memory)
+            facts = view.model_facts
+            if facts is not None and shares and complete:
+                bound = generation_ceiling(facts.weight_bytes_per_token, shares)
+                if bound is not None:
+                    ceiling.add_metric(labels, bound)
+
+
+def _shares(
+    reading: GpuReading, pid: int, labels: list[str], memory: _Family
+) -> tuple[list[GpuShare], bool]:
+    """`pid`'s memory on each GPU, added to `memory` under `labels`, and its shares of the
+    GPUs for the generation bound; False where a GPU's bandwidth is unknown, which would make
+    the bound too high."""
+    shares: list[GpuShare] = []
+    complete = True
+    for g in reading.gpus:
+        used = next((p.used_bytes for p in g.processes or () if p.pid == pid), None)
+        if used is None:  # only GPUs where the process holds memory
+            continue
+        memory.add_metric([*labels, str(g.index), g.uuid], float(used))
+        if g.memory_bus_width_bits and g.max_memory_clock_mhz:
+            shares.append(GpuShare(used, g.memory_bus_width_bits, g.max_memory_clock_mhz))
+        else:
+            complete = False
+    return shares, complete
 
 
 def _weight_bytes(targets: Sequence[TargetState]) -> dict[str, tuple[str, int]]:

@@ -20,14 +20,15 @@ class KvCollector:
         for t in targets:
             for reason in KV_REASONS:
                 errors.add_metric([t.name, reason], t.kv_errors[reason])
-            facts, server = t.model_facts, t.server
-            if facts is None or server is None or not t.up:
-                continue
-            labels = [t.name, server.model, str(server.ctx), facts.type_k, facts.type_v]
-            per_token.add_metric(labels, facts.bytes_per_token)
-            if facts.capacity is not None:
-                cap_tokens.add_metric(labels, facts.capacity.cells)
-                cap_bytes.add_metric(labels, facts.capacity.total_bytes)
-            if t.tokens_held is not None:
-                used.add_metric(labels, t.tokens_held)
+            for view in t.views():
+                facts, server = view.model_facts, view.server
+                if facts is None or server is None or not view.up:
+                    continue
+                labels = [t.name, server.model, str(server.ctx), facts.type_k, facts.type_v]
+                per_token.add_metric(labels, facts.bytes_per_token)
+                if facts.capacity is not None:
+                    cap_tokens.add_metric(labels, facts.capacity.cells)
+                    cap_bytes.add_metric(labels, facts.capacity.total_bytes)
+                if view.tokens_held is not None:
+                    used.add_metric(labels, view.tokens_held)
         yield from (per_token, cap_tokens, cap_bytes, used, errors)

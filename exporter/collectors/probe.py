@@ -30,11 +30,11 @@ class ProbeCollector:
             )
         }  # fmt: skip
         energy = m.PROBE_ENERGY.family()
-        for t in targets:
-            if t.server is None:
+        for t, view in ((target, v) for target in targets for v in target.views()):
+            if view.server is None:
                 continue
-            for depth, s in sorted(t.series.items()):
-                labels = [t.name, t.server.model, str(t.server.ctx), str(depth)]
+            for depth, s in sorted(view.series.items()):
+                labels = [t.name, view.server.model, str(view.server.ctx), str(depth)]
                 for metric, value in (
                     (m.PROMPT_TPS, s.prompt_tokens_per_second),
                     (m.GENERATION_TPS, s.generation_tokens_per_second),

@@ -16,7 +16,7 @@ import os
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -37,8 +37,8 @@ from pydantic_settings import (
 )
 
 from exporter.config.errors import ConfigError
-from exporter.config.resolved import Config, Target
-from exporter.host.address import port_of
+from exporter.config.resolved import Config, ModelPlan, ModelRules, Target
+from exporter.host.address import port_of, split_listen_address
 from exporter.kv.facts import KvOverrides
 from exporter.llama.limits import RequestLimits
 from exporter.probe.plan import MeasurePlan, split_list
@@ -62,8 +62,10 @@ def _optional(field: FieldInfo) -> tuple[Any, FieldInfo]:
     if field.metadata:
         inner = Annotated[(inner, *field.metadata)]
     annotation: Any = inner | None
-    if NoDecode in field.metadata:
-        annotation = Annotated[annotation, NoDecode]  # pydantic-settings looks on the field
+    if get_origin(field.annotation) in (tuple, list):
+        # A list from a flag or the environment is written `0,4096`, not JSON: pydantic-settings
+        # must leave it to the field's own validator, and looks for this mark on the field.
+        annotation = Annotated[annotation, NoDecode]
     # Field() is typed as returning its default, for class bodies; here it is the FieldInfo.
     optional = cast(FieldInfo, Field(None, description=field.description))
     return annotation, optional
@@ -78,10 +80,32 @@ def _probe_fields_model() -> type[BaseModel]:
     )
 
 
+def _model_probe_fields_model() -> type[BaseModel]:
+    """A `model_probe` entry: what a round measures (`MeasurePlan`, every field optional),
+    and whether the model is probed at all. When rounds run stays the target's: its models
+    share the GPUs and take turns within one schedule and duty budget."""
+    fields: dict[str, Any] = {
+        name: _optional(info) for name, info in MeasurePlan.model_fields.items()
+    }
+    fields["enabled"] = (bool, Field(True, description="probe the models this glob matches"))
+    return create_model(
+        "ModelProbeFields", __config__=ConfigDict(extra="forbid", frozen=True), **fields
+    )
+
+
 if TYPE_CHECKING:
     ProbeFields = BaseModel
+    ModelProbeFields = BaseModel
 else:
     ProbeFields = _probe_fields_model()
+    ModelProbeFields = _model_probe_fields_model()
+
+
+class ModelSelection(_Strict):
+    """Which models of a router or llama-swap the exporter watches, by glob on their names."""
+
+    include: list[str] = Field(default_factory=list)  # none: every model
+    exclude: list[str] = Field(default_factory=list)
 
 
 class TargetFields(_Strict):
@@ -104,6 +128,11 @@ class TargetFields(_Strict):
     cache_type_v: str | None = None
     kv_unified: bool | None = None
     probe: ProbeFields = Field(default_factory=ProbeFields)
+    # Several models behind one endpoint (docs/multi-model.md): what serves at the URL, which
+    # of its models are watched, and a plan per model glob over the target's `probe`.
+    mode: Literal["auto", "single", "router", "llama-swap"] = "auto"
+    models: ModelSelection = Field(default_factory=ModelSelection)
+    model_probe: dict[str, ModelProbeFields] = Field(default_factory=dict)
 
 
 class CollectorFields(_Strict):
@@ -346,6 +375,8 @@ def resolve(settings: Settings) -> Config:
                 pid_file=t.pid_file,
                 process_name=t.process_name,
                 kv=KvOverrides(t.model_path, t.cache_type_k, t.cache_type_v, t.kv_unified),
+                mode=t.mode,
+                models=_model_rules(t, [settings.probe, t.probe], key),
             )
         )
     names = [t.name for t in targets]
@@ -366,11 +397,20 @@ def resolve(settings: Settings) -> Config:
     )
 
 
-def split_listen_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{address!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - exporters listen on all
+def _model_rules(t: TargetFields, layers: list[BaseModel], key: str) -> ModelRules:
+    """Each `model_probe` glob's plan, over the target's: checked here, whole, like the
+    target's own, so that a bad override stops the start rather than a round."""
+    plans = []
+    for glob, section in t.model_probe.items():
+        where = f"{key}.model_probe.{glob}"
+        if not glob:
+            raise ConfigError(where, "a model glob must not be empty")
+        plan, _, _ = resolve_probe([*layers, section], where)
+        plans.append(ModelPlan(glob, plan if getattr(section, "enabled", True) else None))
+    for name in ("include", "exclude"):
+        if any(not glob for glob in getattr(t.models, name)):
+            raise ConfigError(f"{key}.models.{name}", "a model glob must not be empty")
+    return ModelRules(tuple(t.models.include), tuple(t.models.exclude), tuple(plans))
 
 
 def _check_telemetry_path(path: str) -> None:

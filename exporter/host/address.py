@@ -29,3 +29,11 @@ def local_port(url: str) -> int | None:
     """The port to find the server's process by, when the URL names this host; else None."""
     hostname = urlsplit(url).hostname
     return port_of(url) if hostname is not None and is_this_host(hostname) else None
+
+
+def split_listen_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT` or `[::1]:PORT` as the host and port to bind."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - exporters listen on all

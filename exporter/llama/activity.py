@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from exporter.llama.client import BAD_RESPONSE, NOT_SUPPORTED, LlamaClient, ServerError
+from exporter.llama.client import BAD_RESPONSE, NOT_SUPPORTED, ServerApi, ServerError
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,20 @@ def parse_metrics(text: str) -> Activity:
     )
 
 
+class ActivitySource(Protocol):
+    """Whether production is in flight: one server (`ActivityReader`), or every model behind
+    a router or llama-swap (`exporter.llama.fleet.FleetActivity`)."""
+
+    async def read(self, metrics_enabled: bool) -> Activity | None: ...
+
+    def reset(self) -> None: ...
+
+
 class ActivityReader:
     """Remembers which source works, so a server without /slots is not asked at every poll of
     a round; `reset` at each discovery asks again, since /slots may come back at any time."""
 
-    def __init__(self, client: LlamaClient) -> None:
+    def __init__(self, client: ServerApi) -> None:
         self._client = client
         self._slots_disabled = False
 

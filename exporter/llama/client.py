@@ -7,12 +7,13 @@ name what went wrong without leaking the API key, a prompt or an unbounded strin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import httpx
 from pydantic import SecretStr
@@ -31,6 +32,9 @@ BAD_RESPONSE: Final = "bad_response"
 CONTEXT_EXCEEDED: Final = "context_exceeded"
 NOT_SUPPORTED: Final = "not_supported"
 OVERSIZED: Final = "oversized"
+# A router or llama-swap refused a request for a model that is no longer loaded (it unloaded
+# after the list was read): never a failure of the server, and nothing was loaded for it.
+NOT_LOADED: Final = "not_loaded"
 
 # An error answer is read for its message only: a few KiB say all there is to say.
 _ERROR_BODY_BYTES: Final = 16 * 1024
@@ -127,6 +131,19 @@ def _stream_error(event: dict[str, Any]) -> ServerError:
     return _error_from_response(status, json.dumps(event).encode())
 
 
+class ServerApi(Protocol):
+    """What the prober asks of a server: a whole llama-server (`LlamaClient`), or one model
+    behind a router or llama-swap (`exporter.llama.scoped.ModelClient`)."""
+
+    async def get_json(self, path: str) -> Any: ...
+
+    async def get_text(self, path: str) -> str: ...
+
+    async def complete(self, body: dict[str, Any], timeout: float) -> Completion: ...
+
+    async def complete_whole(self, body: dict[str, Any], timeout: float) -> Any: ...
+
+
 class LlamaClient:
     """One llama-server. Methods raise ServerError; nothing else escapes."""
 
@@ -195,8 +212,27 @@ class LlamaClient:
     async def get_text(self, path: str) -> str:
         return (await self._get(path)).decode("utf-8", errors="replace")
 
-    async def complete(self, body: dict[str, Any], timeout: float) -> Completion:
-        """POST /completion as a stream; returns the final chunk's timings.
+    @contextlib.asynccontextmanager
+    async def _posted(
+        self, path: str, payload: dict[str, Any], timeout: float
+    ) -> AsyncIterator[httpx.Response]:
+        """POST `payload`, the answer streamed; sent once more on a new connection when a
+        kept-alive one was closed under it before any answer came (llama-server drops an idle
+        connection after a few seconds, and the pool may hand that one to a POST)."""
+        request = self._http.build_request("POST", path, json=payload, timeout=timeout)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.RemoteProtocolError:
+            response = await self._http.send(request, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def complete(
+        self, body: dict[str, Any], timeout: float, path: str = "/completion"
+    ) -> Completion:
+        """POST `path` (/completion) as a stream; returns the final chunk's timings.
 
         Streaming lets the client time the first token, and lets a cancelled probe close the
         connection, which makes llama-server stop the task at once instead of finishing it.
@@ -206,9 +242,7 @@ class LlamaClient:
         total = 0.0
         final: dict[str, Any] | None = None
         try:
-            async with self._http.stream(
-                "POST", "/completion", json={**body, "stream": True}, timeout=timeout
-            ) as response:
+            async with self._posted(path, {**body, "stream": True}, timeout) as response:
                 if response.status_code != 200:
                     raise _error_from_response(response.status_code, await _error_body(response))
                 lines = _sse_lines(response.aiter_bytes(), self.limits.max_response_bytes)
@@ -235,6 +269,28 @@ class LlamaClient:
         if final is None or first is None or "timings" not in final:
             raise ServerError(BAD_RESPONSE, "stream ended without a final chunk with timings")
         return Completion(Timings.parse(final["timings"]), first, total)
+
+    async def complete_whole(
+        self, body: dict[str, Any], timeout: float, path: str = "/completion"
+    ) -> Any:
+        """POST `path` (/completion) without streaming; returns the parsed answer, read within the
+        size cap. For answers a stream cannot carry: llama-server streams no event for a
+        token that ends inside a UTF-8 character, so only the whole answer has every id."""
+        try:
+            async with self._posted(path, {**body, "stream": False}, timeout) as response:
+                if response.status_code != 200:
+                    raise _error_from_response(response.status_code, await _error_body(response))
+                raw = await _bounded_body(
+                    response, self.limits.max_response_bytes, "POST /completion"
+                )
+        except httpx.TimeoutException:
+            raise ServerError(TIMEOUT, f"completion timed out after {timeout:g} s") from None
+        except httpx.HTTPError as exc:
+            raise ServerError(CONNECT, f"completion: {type(exc).__name__}") from None
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise ServerError(BAD_RESPONSE, "completion returned malformed JSON") from None
 
 
 async def _bounded_body(response: httpx.Response, limit: int, what: str) -> bytes:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
-from exporter.llama.client import BAD_RESPONSE, LlamaClient, ServerError
+from exporter.llama.client import BAD_RESPONSE, ServerApi, ServerError
 from exporter.llama.untrusted import clean_text
 
 # Beyond any real server: a larger figure is a broken or hostile answer, not a big model.
@@ -95,7 +95,7 @@ def parse_server_info(props: Any, models: Any) -> ServerInfo:
         raise ServerError(BAD_RESPONSE, f"unexpected /props or /v1/models answer: {exc}") from None
 
 
-async def discover(client: LlamaClient) -> ServerInfo:
+async def discover(client: ServerApi) -> ServerInfo:
     props = await client.get_json("/props")
     models = await client.get_json("/v1/models")
     return parse_server_info(props, models)

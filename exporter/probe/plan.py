@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-from pydantic_settings import NoDecode
 
 from exporter.probe.results import KINDS, Kind
 
@@ -48,7 +47,9 @@ def _none_or_at_least_two(tokens: int) -> int:
 
 Depths = Annotated[
     tuple[Annotated[int, Field(ge=0, le=MAX_DEPTH)], ...],
-    NoDecode,  # "0,4096" from a flag or the environment is not JSON
+    # "0,4096" from a flag or the environment is not JSON: the settings layer marks such a
+    # field not to be decoded (exporter.config.settings), so that the daemon, which never
+    # loads pydantic-settings, can import the plan.
     BeforeValidator(split_list),
     AfterValidator(_distinct_sorted),
 ]
@@ -90,6 +91,10 @@ class MeasurePlan(BaseModel):
     )
     require_busy_check: bool = Field(
         True, description="skip rounds when neither /slots nor /metrics tells whether busy"
+    )
+    canary: bool = Field(
+        True,
+        description="end each round with one fixed greedy request and watch its output change",
     )
 
     @model_validator(mode="after")

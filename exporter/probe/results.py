@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -19,6 +20,10 @@ SKIP_DUTY_BUDGET: Final = "duty_budget"
 SKIP_DEPTH_EXCEEDS_CONTEXT: Final = "depth_exceeds_context"
 SKIP_IN_PROGRESS: Final = "in_progress"
 SKIP_SLEEPING: Final = "sleeping"
+# A model behind a router or llama-swap that is not loaded: never probed, since a request
+# naming it would load it (and may evict production's model). Also a round whose model
+# unloaded midway: the router refused the next request, and nothing was loaded.
+SKIP_NOT_LOADED: Final = client.NOT_LOADED
 SKIP_REASONS: Final = (
     SKIP_BUSY,
     SKIP_BUSY_UNKNOWN,
@@ -26,6 +31,7 @@ SKIP_REASONS: Final = (
     SKIP_DEPTH_EXCEEDS_CONTEXT,
     SKIP_IN_PROGRESS,
     SKIP_SLEEPING,
+    SKIP_NOT_LOADED,
 )
 
 # Discard reasons: the probe ran, but its sample is not a clean measurement.
@@ -41,6 +47,10 @@ SLOT_OUT_OF_RANGE: Final = "slot_out_of_range"
 # the exporter itself measured around the request (`exporter.probe.validate`).
 INVALID_TIMINGS: Final = "invalid_timings"
 INCONSISTENT_TIMINGS: Final = "inconsistent_timings"
+# The canary's answer is not the output asked for: a token id outside the vocabulary, a
+# probability that is no probability, another number of tokens, a malformed answer.
+INVALID_OUTPUT: Final = "invalid_output"
+FINGERPRINT_CHARS: Final = 12
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,30 @@ class KindOutcome:
 
 
 @dataclass(frozen=True)
+class CanaryOutput:
+    """The output canary's answer: the generated token ids and their mean probability."""
+
+    tokens: tuple[int, ...]
+    mean_probability: float | None  # None where the server gave no token's probability
+
+    @property
+    def fingerprint(self) -> str:
+        """The first hex digits of the SHA-256 of the token ids: short enough for a label,
+        long enough that two outputs never share one by chance."""
+        text = ",".join(map(str, self.tokens)).encode()
+        return hashlib.sha256(text).hexdigest()[:FINGERPRINT_CHARS]
+
+
+@dataclass(frozen=True)
+class CanaryOutcome:
+    """How the canary fared in a round: an output, or the reason there is none."""
+
+    output: CanaryOutput | None = None
+    failure: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class RoundResult:
     target: str
     started_at: float  # unix time
@@ -87,6 +121,9 @@ class RoundResult:
     skips: tuple[str, ...] = ()
     outcomes: dict[Kind, KindOutcome] = field(default_factory=dict)
     detail: str = ""  # human-readable cause of the first failure or skip, for logs and "/"
+    canary: CanaryOutcome | None = None  # None where the round sent no canary
+    # The model's name behind a router or llama-swap; None for a single server.
+    model: str | None = None
 
     @property
     def samples(self) -> tuple[Sample, ...]:
@@ -97,7 +134,8 @@ class RoundResult:
 
 
 DISCARD_REASONS: Final = (DISCARD_OVERLAP,)
-FAILURE_REASONS: Final = (
+# How a request can fail on the way: the client's reasons, shared by probes and the canary.
+TRANSPORT_REASONS: Final = (
     client.CONNECT,
     client.TIMEOUT,
     client.UNAUTHORIZED,
@@ -107,12 +145,24 @@ FAILURE_REASONS: Final = (
     client.CONTEXT_EXCEEDED,
     client.NOT_SUPPORTED,
     client.OVERSIZED,
+)
+FAILURE_REASONS: Final = (
+    *TRANSPORT_REASONS,
     INVALID_PROMPT_N,
     INVALID_CACHE_N,
     INVALID_PREDICTED_N,
     SLOT_OUT_OF_RANGE,
     INVALID_TIMINGS,
     INCONSISTENT_TIMINGS,
+)
+
+# Why a canary gave no output to compare: what the server said, or production overlapping it
+# (another request in the batch can change a slot's numerics).
+CANARY_FAILURE_REASONS: Final = (
+    *TRANSPORT_REASONS,
+    INVALID_PREDICTED_N,
+    INVALID_OUTPUT,
+    DISCARD_OVERLAP,
 )
 
 

@@ -9,6 +9,7 @@ A round measures, for each depth D of the plan (llama-bench's `@ dD`):
 
 At depth 0 there is no fill and both requests use `cache_prompt: false`. Speeds come from the
 server's own `timings`; the time to first token is the client's, over the streamed PP request.
+After the samples, the round may send the output canary (`exporter.probe.canary`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,19 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from exporter.llama.activity import Activity, ActivityReader, parse_slots
-from exporter.llama.client import TIMEOUT, Completion, LlamaClient, ServerError
+from exporter.llama.activity import Activity, ActivityReader, ActivitySource, parse_slots
+from exporter.llama.client import (
+    CONTEXT_EXCEEDED,
+    NOT_LOADED,
+    TIMEOUT,
+    Completion,
+    ServerApi,
+    ServerError,
+)
 from exporter.llama.discovery import ServerInfo, discover
+from exporter.probe import canary
 from exporter.probe.plan import MeasurePlan
 from exporter.probe.results import (
     DISCARD_OVERLAP,
@@ -34,14 +43,18 @@ from exporter.probe.results import (
     SKIP_BUSY,
     SKIP_BUSY_UNKNOWN,
     SKIP_DEPTH_EXCEEDS_CONTEXT,
+    SKIP_NOT_LOADED,
     SKIP_SLEEPING,
     SLOT_OUT_OF_RANGE,
+    CanaryOutcome,
     Kind,
     KindOutcome,
     RoundResult,
     Sample,
 )
 from exporter.probe.validate import timing_problem
+
+T = TypeVar("T")
 
 
 class _OverlapError(Exception):
@@ -79,9 +92,11 @@ class ProbeRunner:
     def __init__(
         self,
         target: str,
-        client: LlamaClient,
+        client: ServerApi,
         plan: MeasurePlan,
         *,
+        model: str | None = None,
+        activity: ActivitySource | None = None,
         overlap_poll_interval: float = 0.5,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -92,7 +107,11 @@ class ProbeRunner:
         self.target = target
         self.plan = plan
         self._client = client
-        self._activity = ActivityReader(client)
+        # Behind a router or llama-swap: the model's name, which labels its figures whatever
+        # alias its server gives itself, and the busy check of every model that shares the
+        # GPUs (`exporter.llama.fleet`).
+        self.model = model
+        self._activity: ActivitySource = activity or ActivityReader(client)
         self._poll = overlap_poll_interval
         self._rng = rng or random.Random()
         self._clock = clock
@@ -108,6 +127,8 @@ class ProbeRunner:
     async def refresh(self) -> ServerInfo:
         """Read /props and /v1/models; raises ServerError."""
         info = await discover(self._client)
+        if self.model is not None:
+            info = dataclasses.replace(info, model=self.model)
         # A skip for want of /slots must not outlive its cause: /slots can come back on the
         # same model and ctx (a restart with other flags), so each discovery asks it again.
         self._activity.reset()
@@ -132,22 +153,36 @@ class ProbeRunner:
         info: ServerInfo | None = None
         server_error: str | None = None
         detail = ""
+        measured = False
+        deadline = asyncio.timeout(self.plan.timeout)
         try:
-            async with asyncio.timeout(self.plan.timeout):
+            async with deadline:
                 info = await self.refresh()
                 skip, detail = await self._precheck(info)
                 if skip is not None:
                     skips.append(skip)
                 else:
                     detail = await self._measure(info, logs, skips, kinds)
+                    measured = True
         except TimeoutError:
             detail = f"probe round exceeded its {self.plan.timeout:g} s timeout"
             server_error = TIMEOUT if info is None else None
             self._fail_all(logs, TIMEOUT, kinds)
         except ServerError as exc:
             detail = exc.detail
-            server_error = exc.reason if info is None else None
-            self._fail_all(logs, exc.reason, kinds)
+            if exc.reason == NOT_LOADED:
+                # The model unloaded: what it measured before stays valid, the rest is not
+                # a failure of a server that was asked nothing it could serve.
+                skips.append(SKIP_NOT_LOADED)
+            else:
+                server_error = exc.reason if info is None else None
+                self._fail_all(logs, exc.reason, kinds)
+        checked = None
+        # Only after a round that measured undisturbed: production that overlapped a sample
+        # may still be running, and a round that broke off has no idle server to ask.
+        overlapped = any(log.discards for log in logs.values())
+        if self.plan.canary and measured and not overlapped and info is not None:
+            checked = await self._canary(info, deadline.when())
         duration = self._clock() - started
         return RoundResult(
             self.target,
@@ -158,7 +193,32 @@ class ProbeRunner:
             skips=tuple(skips),
             outcomes={k: logs[k].freeze(k) for k in KINDS if logs[k].attempted},
             detail=detail,
+            canary=checked,
+            model=self.model,
         )
+
+    async def _canary(self, info: ServerInfo, deadline: float | None) -> CanaryOutcome | None:
+        """The fixed greedy request, within what is left of the round's timeout. Its failure
+        is its own: the samples before it stay valid."""
+        slot = self._probe_slot(info)  # checked by the measuring already: it cannot raise
+        # Its prompt and every generated token but the last share the slot, as a depth's do.
+        if not fits_in_context(canary.PROMPT_TOKENS, 0, canary.GENERATED_TOKENS, info.ctx):
+            return CanaryOutcome(failure=CONTEXT_EXCEEDED, detail=f"ctx {info.ctx} too small")
+        body = canary.request_body(info.n_vocab, slot)
+        try:
+            async with asyncio.timeout_at(deadline):
+                answer = await self._guarded(
+                    lambda: self._client.complete_whole(body, self.plan.timeout), slot, info
+                )
+            return CanaryOutcome(canary.read_answer(answer, info.n_vocab))
+        except TimeoutError:
+            return CanaryOutcome(failure=TIMEOUT, detail="canary ran past the round's timeout")
+        except ServerError as exc:
+            if exc.reason == NOT_LOADED:
+                return None  # the model unloaded: no answer, and no failure of it either
+            return CanaryOutcome(failure=exc.reason, detail=exc.detail)
+        except _OverlapError:
+            return CanaryOutcome(failure=DISCARD_OVERLAP, detail="production overlapped it")
 
     @staticmethod
     def _fail_all(logs: dict[Kind, _KindLog], reason: str, kinds: tuple[Kind, ...]) -> None:
@@ -253,7 +313,7 @@ class ProbeRunner:
     ) -> None:
         """A request whose timings are not used (warm-up, depth fill); may raise _OverlapError."""
         body = self._body(tokens, n_predict, cache=False, slot=slot)
-        await self._guarded(self._client.complete(body, self.plan.timeout), slot, info)
+        await self._completed(body, slot, info)
 
     async def _sample(
         self, kind: Kind, info: ServerInfo, depth: int, prefix: list[int], slot: int
@@ -262,7 +322,7 @@ class ProbeRunner:
         if kind == "prompt":
             n = self.plan.prompt_tokens
             body = self._body(prefix + self._suffix(info, n), 1, cache=cache, slot=slot)
-            done = await self._guarded(self._client.complete(body, self.plan.timeout), slot, info)
+            done = await self._completed(body, slot, info)
             t = done.timings
             _expect(INVALID_PROMPT_N, "prompt_n", t.prompt_n, n)
             _expect(INVALID_CACHE_N, "cache_n", t.cache_n, depth)
@@ -270,7 +330,7 @@ class ProbeRunner:
             return Sample(kind, depth, t.prompt_n, t.prompt_ms / 1000, done.first_chunk_seconds, t)
         m = self.plan.generation_tokens
         body = self._body(prefix + self._suffix(info, 1), m, cache=cache, slot=slot)
-        done = await self._guarded(self._client.complete(body, self.plan.timeout), slot, info)
+        done = await self._completed(body, slot, info)
         t = done.timings
         _expect(INVALID_PROMPT_N, "prompt_n", t.prompt_n, 1)
         _expect(INVALID_CACHE_N, "cache_n", t.cache_n, depth)
@@ -279,12 +339,18 @@ class ProbeRunner:
         # predicted_ms covers the steps after the first token, which comes with the prompt.
         return Sample(kind, depth, t.predicted_n - 1, t.predicted_ms / 1000, None, t)
 
-    async def _guarded(
-        self, request: Awaitable[Completion], slot: int, info: ServerInfo
-    ) -> Completion:
-        """Run a request while watching for production traffic; abort it if some arrives."""
+    async def _completed(self, body: dict[str, Any], slot: int, info: ServerInfo) -> Completion:
+        return await self._guarded(
+            lambda: self._client.complete(body, self.plan.timeout), slot, info
+        )
+
+    async def _guarded(self, request: Callable[[], Awaitable[T]], slot: int, info: ServerInfo) -> T:
+        """Run a request while watching for production traffic; abort it if some arrives.
+
+        The request is made here, after the first read of the activity: made by the caller, it
+        would be left never awaited when that read fails or the round is cancelled."""
         before = await self._activity.read(info.metrics_endpoint)
-        task = asyncio.ensure_future(request)
+        task = asyncio.ensure_future(request())
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self._poll)

@@ -4,6 +4,12 @@ The prober (asyncio thread) calls `record_*`; collectors (HTTP threads) call `sn
 guards every access and snapshots are deep copies, so a scrape never sees half a round.
 Series are keyed by the server's identity (model, ctx): when it changes, the old label sets
 are dropped, so they disappear from /metrics instead of lingering.
+
+A router or llama-swap target holds one `ModelState` per loaded model it probes, and the list
+of every model it knows (`listed`, for `llama_speed_model_loaded`). A model that is no longer
+loaded loses its `ModelState`, and with it every series that claims a speed for it. The
+counters of a target (probes, skips, failures) stay per target: its models share the GPUs and
+one schedule.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 from exporter.kv.facts import ModelFacts
 from exporter.llama.discovery import ServerInfo
 from exporter.probe.results import KINDS, Kind, RoundResult, round_figures
+from exporter.state.canary import CanaryState
 
 
 @dataclass
@@ -43,6 +50,20 @@ class SeriesState:
 
 
 @dataclass
+class ModelState:
+    """What one served model has shown: a single server's, or one model's behind a router."""
+
+    server: ServerInfo | None = None
+    up: bool = False
+    series: dict[int, SeriesState] = field(default_factory=dict)  # by depth
+    model_facts: ModelFacts | None = None
+    tokens_held: int | None = None
+    canary: CanaryState = field(default_factory=CanaryState)
+    last_round: RoundResult | None = None
+    pid: int | None = None  # its own process on this host, when found (router: the child)
+
+
+@dataclass
 class TargetState:
     name: str
     url: str
@@ -57,6 +78,26 @@ class TargetState:
     model_facts: ModelFacts | None = None  # for the server last seen
     kv_errors: Counter[str] = field(default_factory=Counter)
     tokens_held: int | None = None  # in all slots, from /slots
+    canary: CanaryState = field(default_factory=CanaryState)  # for the server's identity
+    canary_failures: Counter[str] = field(default_factory=Counter)
+    kind: str | None = None  # single, router or llama-swap; None until found
+    listed: dict[str, bool] = field(default_factory=dict)  # every watched model: loaded?
+    models: dict[str, ModelState] = field(default_factory=dict)  # the loaded ones, by name
+
+    @property
+    def multi(self) -> bool:
+        return self.kind in ("router", "llama-swap")
+
+    def views(self) -> list[ModelState]:
+        """Each served model's state: the single server's own, or each loaded model's."""
+        if self.multi:
+            return [self.models[name] for name in sorted(self.models)]
+        return [
+            ModelState(
+                self.server, self.up, self.series, self.model_facts, self.tokens_held,
+                self.canary, self.last_round,
+            )
+        ]  # fmt: skip
 
 
 class Store:
@@ -94,12 +135,72 @@ class Store:
         with self._lock:
             self._targets[target].duty_ratio = ratio
 
-    def record_round(self, result: RoundResult) -> None:
+    def record_kind(self, target: str, kind: str | None) -> None:
+        with self._lock:
+            state = self._targets[target]
+            if kind != state.kind:
+                state.listed.clear()
+                state.models.clear()
+            state.kind = kind
+
+    def record_listing(self, target: str, listed: dict[str, bool]) -> None:
+        """A router's or llama-swap's watched models, loaded or not. A model no longer loaded
+        loses its state: no gauge goes on claiming a speed for a model that is gone."""
+        with self._lock:
+            state = self._targets[target]
+            state.up = True
+            state.server_error = None
+            state.listed = dict(listed)
+            for name in [n for n in state.models if not listed.get(n)]:
+                del state.models[name]
+
+    def record_model_discovery(
+        self, target: str, model: str, server: ServerInfo | None, error: str | None
+    ) -> None:
+        with self._lock:
+            state = self._targets[target]
+            if state.listed.get(model):  # not one that unloaded meanwhile
+                self._apply_discovery(state.models.setdefault(model, ModelState()), server, error)
+
+    def record_model_facts(
+        self,
+        target: str,
+        model: str,
+        facts: ModelFacts | None,
+        error: str | None,
+        tokens_held: int | None,
+        *,
+        pid: int | None,
+    ) -> None:
+        with self._lock:
+            state = self._targets[target]
+            if error is not None:
+                state.kv_errors[error] += 1
+            held = state.models.get(model)
+            if held is not None:
+                held.model_facts, held.tokens_held, held.pid = facts, tokens_held, pid
+
+    def record_model_tokens_held(self, target: str, model: str, tokens: int | None) -> None:
+        with self._lock:
+            held = self._targets[target].models.get(model)
+            if held is not None:
+                held.tokens_held = tokens
+
+    def record_round(self, result: RoundResult) -> str | None:
+        """Returns the canary fingerprint this round's output replaced, if it confirmed a
+        change."""
         with self._lock:
             state = self._targets[result.target]
+            served: TargetState | ModelState = state
+            if result.model is not None:
+                if not state.listed.get(result.model):
+                    served = ModelState()  # unloaded meanwhile: counted, never shown
+                else:
+                    served = state.models.setdefault(result.model, ModelState())
             if result.server is not None or result.server_error is not None:
-                self._apply_discovery(state, result.server, result.server_error)
+                self._apply_discovery(served, result.server, result.server_error)
             state.last_round = result
+            served.last_round = result
             for reason in result.skips:
                 state.skips[reason] += 1
             for kind, outcome in result.outcomes.items():
@@ -115,21 +216,41 @@ class Store:
                     ks.success = True
                     ks.last_success_time = result.started_at + result.duration
                 # A round whose only sample was discarded says nothing about success.
-            self._apply_samples(state, result)
+            self._apply_samples(served, result)
+            return self._apply_canary(state, served, result)
 
     @staticmethod
-    def _apply_discovery(state: TargetState, server: ServerInfo | None, error: str | None) -> None:
+    def _apply_canary(
+        state: TargetState, served: TargetState | ModelState, result: RoundResult
+    ) -> str | None:
+        outcome = result.canary
+        if outcome is None:
+            return None
+        if outcome.failure is not None:
+            state.canary_failures[outcome.failure] += 1
+        if outcome.output is None:
+            return None
+        return served.canary.observe(outcome.output, result.started_at + result.duration)
+
+    @staticmethod
+    def _apply_discovery(
+        state: TargetState | ModelState, server: ServerInfo | None, error: str | None
+    ) -> None:
         state.up = server is not None and error is None
-        state.server_error = error
+        if isinstance(state, TargetState):
+            state.server_error = error
         if server is None:
             return
         if state.server is not None and state.server.identity != server.identity:
             state.series.clear()  # another model or ctx: the old figures no longer describe it
             state.model_facts = None
+            # Its output is another model's: a new baseline, not a change. A file swapped
+            # under the same alias keeps the identity, and the canary counts that.
+            state.canary = CanaryState()
         state.server = server
 
     @staticmethod
-    def _apply_samples(state: TargetState, result: RoundResult) -> None:
+    def _apply_samples(state: TargetState | ModelState, result: RoundResult) -> None:
         for (depth, kind), f in round_figures(result.samples).items():
             tps = f.tokens_per_second
             if tps is None:

@@ -10,7 +10,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from exporter import __version__
-from exporter.state.store import TargetState
+from exporter.probe.results import RoundResult
+from exporter.state.store import ModelState, TargetState
 from exporter.web.protocol import StartResponse, WsgiApp
 from exporter.web.server import WebServer
 
@@ -22,35 +23,59 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return "-" if value is None else f"{value:,.1f}{unit}"
 
 
+def _outcome(last: RoundResult | None) -> str:
+    if last is None:
+        return "-"
+    outcome = ", ".join(last.skips) or "ok"
+    failures = [o.failure for o in last.outcomes.values() if o.failure]
+    if failures:
+        outcome = f"failed: {failures[0]}"
+    if last.detail:
+        outcome += f" ({last.detail})"
+    return outcome
+
+
+def _row(t: TargetState, model: str, view: ModelState | None, status: str, now: float) -> str:
+    s = view.server if view is not None else None
+    last = view.last_round if view is not None else None
+    when = f"{now - last.started_at:.0f} s ago" if last else "not yet"
+    series = view.series if view is not None else {}
+    speeds = "".join(
+        f"<li>depth {depth}: PP {_fmt(x.prompt_tokens_per_second)} t/s, "
+        f"TG {_fmt(x.generation_tokens_per_second)} t/s, "
+        f"TTFT {_fmt(None if x.time_to_first_token is None else x.time_to_first_token * 1e3)}"
+        " ms</li>"
+        for depth, x in sorted(series.items())
+    )
+    return (
+        "<tr>"
+        f"<td>{html.escape(t.name)}</td><td>{html.escape(t.url)}</td>"
+        f"<td>{html.escape(status)}</td>"
+        f"<td>{html.escape(model)}</td><td>{s.ctx if s else '-'}</td>"
+        f"<td><ul>{speeds}</ul></td><td>{when}</td><td>{html.escape(_outcome(last))}</td>"
+        "</tr>"
+    )
+
+
+def _rows(t: TargetState, now: float) -> list[str]:
+    """A single server's row, or one per model a router or llama-swap lists."""
+    if not t.multi:
+        (view,) = t.views()
+        model = t.server.model if t.server else "-"
+        return [_row(t, model, view, "up" if t.up else "down", now)]
+    kind = t.kind or ""
+    if not t.up:
+        return [_row(t, "-", None, f"{kind} down", now)]
+    if not t.listed:
+        return [_row(t, "(no models)", None, f"{kind} up", now)]
+    return [
+        _row(t, name, t.models.get(name), f"{kind}: {'loaded' if loaded else 'not loaded'}", now)
+        for name, loaded in sorted(t.listed.items())
+    ]
+
+
 def landing_page(targets: list[TargetState], telemetry_path: str, now: float) -> str:
-    rows = []
-    for t in targets:
-        s = t.server
-        last = t.last_round
-        when = f"{now - last.started_at:.0f} s ago" if last else "not yet"
-        outcome = "-"
-        if last is not None:
-            outcome = ", ".join(last.skips) or "ok"
-            failures = [o.failure for o in last.outcomes.values() if o.failure]
-            if failures:
-                outcome = f"failed: {failures[0]}"
-            if last.detail:
-                outcome += f" ({last.detail})"
-        speeds = "".join(
-            f"<li>depth {depth}: PP {_fmt(x.prompt_tokens_per_second)} t/s, "
-            f"TG {_fmt(x.generation_tokens_per_second)} t/s, "
-            f"TTFT {_fmt(None if x.time_to_first_token is None else x.time_to_first_token * 1e3)}"
-            " ms</li>"
-            for depth, x in sorted(t.series.items())
-        )
-        rows.append(
-            "<tr>"
-            f"<td>{html.escape(t.name)}</td><td>{html.escape(t.url)}</td>"
-            f"<td>{'up' if t.up else 'down'}</td>"
-            f"<td>{html.escape(s.model) if s else '-'}</td><td>{s.ctx if s else '-'}</td>"
-            f"<td><ul>{speeds}</ul></td><td>{when}</td><td>{html.escape(outcome)}</td>"
-            "</tr>"
-        )
+    rows = [row for t in targets for row in _rows(t, now)]
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         "<title>llama-speed-exporter</title></head><body>"

@@ -26,7 +26,7 @@ from typing import TextIO
 
 from exporter import __version__
 from exporter.config import Config, ConfigError
-from exporter.config.settings import split_listen_address
+from exporter.host.address import split_listen_address
 from exporter.web.webconfig import load_web_config
 
 DEFAULT_TIMEOUT_SECONDS = 3.0

@@ -19,7 +19,16 @@ from .panels import (
     steps,
     transformation,
 )
-from .queries import BY_CACHE, BY_CTX, BY_DEPTH, SERVED, SERVED_BY, TARGET, instant, matchers
+from .queries import (
+    BY_CACHE,
+    BY_CTX,
+    BY_DEPTH,
+    SERVED,
+    SERVED_BY,
+    TARGET,
+    instant,
+    matchers,
+)
 from .shell import board
 
 UID = "llama-speed-context-scaling"
@@ -48,8 +57,10 @@ def latest(metric: str, by: str) -> str:
 
 def peak_vram(per_gpu: bool) -> str:
     """The most memory llama-server's process held (per GPU, or on all together) while it served
-    each model and ctx: the process metric has neither label, so it borrows them from
-    llama_speed_server_info of the same target."""
+    each model and ctx: the process metric has neither label, so it borrows them from the
+    target's llama_speed_server_info. Only a target that serves one model can lend them: behind
+    a router or llama-swap several models share the target, the join would match each of them
+    and Prometheus would refuse the whole query, so the `== 1` leaves such targets out."""
     held = (
         "max by (instance, target, gpu)" if per_gpu else "sum by (instance, target)"
     ) + f" (llama_speed_gpu_process_memory_used_bytes{TARGET})"
@@ -58,7 +69,9 @@ def peak_vram(per_gpu: bool) -> str:
         f"max by ({by}) (max_over_time((\n"
         f"  {held}\n"
         "  * on(instance, target) group_left(model, ctx)\n"
-        f"  max by (instance, target, model, ctx) (llama_speed_server_info{SERVED})\n"
+        f"  (max by (instance, target, model, ctx) (llama_speed_server_info{SERVED})\n"
+        "   and on(instance, target)\n"
+        f"   count by (instance, target) (llama_speed_server_info{TARGET}) == 1)\n"
         ")[$__range:$__interval]))"
     )
 

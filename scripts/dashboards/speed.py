@@ -7,6 +7,7 @@ from grafana_foundation_sdk.builders.dashboard import Dashboard, Row
 from grafana_foundation_sdk.builders.stat import Panel as Stat
 from grafana_foundation_sdk.builders.timeseries import Panel as TimeSeries
 from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models.common import LineInterpolation
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from .panels import (
@@ -34,6 +35,7 @@ from .queries import (
     TARGET,
     counted_by_reason,
     instant,
+    matchers,
     series,
 )
 from .shell import board
@@ -146,9 +148,90 @@ def now(built: Dashboard) -> Dashboard:
     )
 
 
-def against_baseline(built: Dashboard) -> Dashboard:
+def models(built: Dashboard) -> Dashboard:
+    by_model = "{{target}} · {{model}}"
+    # The exporter says which models are loaded (a single server's is, while it answers). An
+    # exporter from before several models per target has no llama_speed_model_loaded: its
+    # server's llama_speed_server_info stands in, so a mixed fleet still shows every model.
+    # `or` adds a server_info series only where no llama_speed_model_loaded series has the
+    # same target and model.
+    loaded = (
+        f"max by (instance, target, model) (llama_speed_model_loaded{MODEL})\n"
+        f"or max by (instance, target, model) (llama_speed_server_info{MODEL})"
+    )
+    # Every target has the skip counter with reason not_loaded, at 0 until a model is skipped;
+    # the 0 from llama_speed_server_up keeps the bar for an exporter from before that reason.
+    skipped = (
+        "sum by (target) (increase(llama_speed_probes_skipped_total"
+        f"{matchers('instance', 'target', reason='not_loaded')}[$__range]))\n"
+        f"or 0 * max by (target) (llama_speed_server_up{TARGET})"
+    )
+    # Not loaded is a router's normal state for most of its models, not a fault: blue.
+    states: list[model.ValueMapping] = [
+        model.ValueMap(
+            options={
+                "0": model.ValueMappingResult(text="not loaded", color="blue", index=0),
+                "1": model.ValueMappingResult(text="loaded", color="green", index=1),
+            }
+        )
+    ]
     return (
-        built.with_row(Row("Speed against its baseline"))
+        built.with_row(Row("Models"))
+        .with_panel(
+            single_stat(
+                "Model loaded",
+                "Whether each model a router or llama-swap knows is loaded (running) now: the"
+                " exporter probes loaded models only and never loads one. A single server's"
+                " model shows as loaded while the server answers.",
+            )
+            .unit("bool_yes_no")
+            .thresholds(steps("blue", ("green", 1)))
+            .mappings(states)
+            .no_value("no model listed: see Server up")
+            .with_target(instant(loaded, by_model))
+            .span(10)
+            .height(6)
+        )
+        .with_panel(
+            time_series(
+                "Models loaded over time",
+                "1 while a model is loaded, 0 while it is known but not loaded: its speed series"
+                " pause while it is not loaded, and a model that loads again starts with cold"
+                " rounds that the regression alerts leave out for an hour.",
+            )
+            .unit("bool_yes_no")
+            .min(0)
+            .max(1)
+            .line_interpolation(LineInterpolation.STEP_AFTER)
+            .thresholds(steps("green"))
+            .no_value("no model listed in this range: see Server up")
+            .with_target(series(loaded, by_model))
+            .span(8)
+            .height(6)
+        )
+        .with_panel(
+            bar_gauge(
+                "Rounds skipped: model not loaded (time range)",
+                "Probe rounds of a model skipped because it was not loaded when its turn came"
+                " (reason not_loaded): the exporter waits for production to load it.",
+            )
+            .unit("suffix: rounds")
+            .decimals(0)
+            .thresholds(steps("blue"))
+            .no_value("no skip counters for the selected targets")
+            .with_target(instant(skipped, "{{target}}"))
+            .span(6)
+            .height(6)
+        )
+    )
+
+
+def against_baseline(built: Dashboard) -> Dashboard:
+    # One row per model picked: behind a router or llama-swap, five models' PP and TG in one
+    # graph are unreadable, and each model has its own baseline. A single server serves one
+    # model, so it gets one row, as before.
+    return (
+        built.with_row(Row("Speed against its baseline: $model").repeat("model"))
         .with_panel(speed_curve("Prompt processing (PP)", "prompt", "Fresh prompt"))
         .with_panel(speed_curve("Token generation (TG)", "generation", "Generated"))
         .with_panel(
@@ -173,21 +256,7 @@ def against_baseline(built: Dashboard) -> Dashboard:
                 # that barely moves within an hour.
                 .interval("1h")
             )
-            .span(12)
-            .height(9)
-        )
-        .with_panel(
-            time_series(
-                "Probe request time per round",
-                "Wall-clock seconds of the last round's requests of each kind: what the probes"
-                " cost the server each round.",
-            )
-            .unit("s")
-            .min(0)
-            .thresholds(steps("green"))
-            .no_value("no probe round yet for the selected targets")
-            .with_target(series(f"llama_speed_probe_duration_seconds{TARGET}", BY_PROBE))
-            .span(12)
+            .span(24)
             .height(9)
         )
     )
@@ -266,8 +335,9 @@ def probe_health(built: Dashboard) -> Dashboard:
             bar_gauge(
                 "Skipped rounds by reason (time range)",
                 "Rounds (or depths) not started: busy (production in flight), busy_unknown,"
-                " sleeping, duty_budget, depth_exceeds_context, in_progress. 'none' when nothing"
-                " was skipped.",
+                " sleeping, duty_budget, depth_exceeds_context, in_progress, not_loaded (a model"
+                " behind a router or llama-swap that is not loaded). 'none' when nothing was"
+                " skipped.",
             )
             .unit("suffix: rounds")
             .decimals(0)
@@ -321,6 +391,81 @@ def probe_health(built: Dashboard) -> Dashboard:
                 )
             )
             .span(8)
+            .height(8)
+        )
+        .with_panel(
+            time_series(
+                "Probe request time per round",
+                "Wall-clock seconds of the last round's requests of each kind: what the probes"
+                " cost the server each round.",
+            )
+            .unit("s")
+            .min(0)
+            .thresholds(steps("green"))
+            .no_value("no probe round yet for the selected targets")
+            .with_target(series(f"llama_speed_probe_duration_seconds{TARGET}", BY_PROBE))
+            .span(24)
+            .height(8)
+        )
+    )
+
+
+def output_canary(built: Dashboard) -> Dashboard:
+    by_model = "{{target}} · {{model}}"
+    changes = "llama_speed_canary_output_changes_total"
+    return (
+        built.with_row(Row("Output canary"))
+        .with_panel(
+            bar_gauge(
+                "Output changes (time range)",
+                "Confirmed changes of the canary's greedy output under the same model name and"
+                " ctx: another file behind the alias, a build, backend or setting that computes"
+                " differently (docs/quality.md). LlamaSpeedOutputChanged fires on those that no"
+                " quant or build change explains.",
+            )
+            .unit("suffix: changes")
+            .decimals(0)
+            .thresholds(steps("green", ("orange", 0.5)))
+            .no_value("no canary baseline yet for the selected models")
+            .with_target(
+                instant(f"sum by (target, model) (increase({changes}{MODEL}[$__range]))", by_model)
+            )
+            .span(6)
+            .height(8)
+        )
+        .with_panel(
+            time_series(
+                "Canary token probability",
+                "Mean probability the model gave the canary's chosen tokens, each round: the"
+                " same output at another probability means the arithmetic moved (a KV cache"
+                " type, flash attention, a driver) before any token flipped.",
+            )
+            .unit("percentunit")
+            .min(0)
+            .thresholds(steps("green"))
+            .no_value("no canary answer yet for the selected models")
+            .with_target(series(f"llama_speed_canary_token_probability{MODEL}", by_model))
+            .span(12)
+            .height(8)
+        )
+        .with_panel(
+            bar_gauge(
+                "Canary failures by reason (time range)",
+                "Canary requests that gave no output to compare: overlap (production arrived),"
+                " invalid_output, predicted_n_mismatch and the transport reasons. 'none' when"
+                " nothing failed.",
+            )
+            .unit("suffix: requests")
+            .decimals(0)
+            .thresholds(steps("green", ("orange", 0.5)))
+            .no_value("no canary counters for the selected targets")
+            .with_target(
+                instant(
+                    counted_by_reason("llama_speed_canary_failures_total", "target", TARGET),
+                    "{{target}} {{reason}}",
+                )
+            )
+            .span(6)
             .height(8)
         )
     )
@@ -422,5 +567,5 @@ def dashboard() -> Dashboard:
         "PP, TG and time to first token per model, ctx and depth against their trailing"
         " baselines, and the probes' own health.",
         "now-24h",
-        (now, against_baseline, probe_health, server_and_exporter),
+        (now, models, against_baseline, probe_health, output_canary, server_and_exporter),
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import math
+import threading
 from typing import Any
 
 import httpx
@@ -202,14 +204,43 @@ def test_an_error_message_is_cleaned_and_capped() -> None:
 def test_the_environment_s_proxy_is_ignored_and_a_configured_one_used(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
-    monkeypatch.setenv("ALL_PROXY", "http://proxy.invalid:3128")
-    plain = LlamaClient("http://llama")
-    assert not plain._http._mounts  # no proxy transport mounted from the environment
-    configured = LlamaClient("http://llama", proxy="http://127.0.0.1:3128")
-    assert configured._http._mounts
-    asyncio.run(plain.aclose())
-    asyncio.run(configured.aclose())
+    seen: list[str] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)  # a proxy is sent the whole URL
+            body = b'{"via": "proxy"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    # The environment's proxy would answer for every host: the client must not ask it.
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy_url)
+
+    async def get(client: LlamaClient) -> Any:
+        try:
+            return await client.get_json("/props")
+        finally:
+            await client.aclose()
+
+    try:
+        with pytest.raises(ServerError) as info:  # no server there, and no proxy taken
+            asyncio.run(get(LlamaClient("http://127.0.0.1:9", limits=SMALL)))
+        assert info.value.reason == "connect" and seen == []
+        answer = asyncio.run(get(LlamaClient("http://llama.invalid:8080", proxy=proxy_url)))
+        assert answer == {"via": "proxy"}
+        assert seen == ["http://llama.invalid:8080/props"]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
 
 
 def test_a_stream_past_the_tokens_asked_for_ends_the_probe() -> None:

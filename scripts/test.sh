@@ -3,12 +3,17 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-if ! command -v promtool >/dev/null 2>&1; then
-  # Debian's prometheus package brings promtool and the server the tests scrape with.
+# Debian's prometheus package brings promtool and the server the tests scrape with;
+# prometheus-alertmanager brings Alertmanager and amtool, for the alert delivery tests.
+packages=()
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+command -v amtool >/dev/null 2>&1 || packages+=(prometheus-alertmanager)
+if [ "${#packages[@]}" -gt 0 ]; then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends \
+    "${packages[@]}" >/dev/null
 fi
 
 bash "$root/scripts/setup-env.sh" dev

@@ -34,6 +34,8 @@ _FIXTURE_MARKERS = {
     "llama_server_binary": "real_server",
     "promtool": "prometheus",
     "prometheus_binary": "prometheus",
+    "alertmanager_binary": "prometheus",
+    "amtool": "prometheus",
 }
 
 
@@ -108,14 +110,15 @@ def llama_server(
         yield start
 
 
-def prometheus_tool(name: str) -> str:
-    """A binary of Debian's prometheus package: CI must have it, a workstation may not."""
-    path = shutil.which(name)
+def prometheus_tool(name: str, package: str = "prometheus", *others: str) -> str:
+    """A binary of a Debian package (prometheus by default): CI must have it, a workstation
+    may not. `others` are the names it has outside Debian, tried after `name`."""
+    path = next(filter(None, map(shutil.which, (name, *others))), None)
     if path is None:
         if os.environ.get("CI"):
             # A missing tool in CI is a broken environment, not a reason to skip silently.
-            pytest.fail(f"{name} is required in CI (Debian package prometheus)", pytrace=False)
-        pytest.skip(f"{name} not installed (Debian package prometheus, or scripts/test.sh)")
+            pytest.fail(f"{name} is required in CI (Debian package {package})", pytrace=False)
+        pytest.skip(f"{name} not installed (Debian package {package}, or scripts/test.sh)")
     return path
 
 
@@ -141,6 +144,17 @@ def run_promtool(promtool: str, *args: str) -> str:
 @pytest.fixture(scope="session")
 def prometheus_binary() -> str:
     return prometheus_tool("prometheus")
+
+
+@pytest.fixture(scope="session")
+def alertmanager_binary() -> str:
+    # Debian renames the server; upstream's release archives call it alertmanager.
+    return prometheus_tool("prometheus-alertmanager", "prometheus-alertmanager", "alertmanager")
+
+
+@pytest.fixture(scope="session")
+def amtool() -> str:
+    return prometheus_tool("amtool", "prometheus-alertmanager")
 
 
 @pytest.fixture(scope="session")

@@ -142,8 +142,9 @@ def child_port(args: tuple[str, ...]) -> int:
 
 
 def test_production_on_one_model_skips_the_others_rounds(llama_router: StartRouter) -> None:
-    # Room for a production request that outlasts the test's wait, however fast the machine.
-    router = llama_router("--models-max", "2", "-c", str(PRODUCTION_CTX))
+    # With context shift, production generates until the test closes its stream: it outlasts
+    # the test's wait however fast the machine (a slot's context alone ends it in a second).
+    router = llama_router("--models-max", "2", "--context-shift")
     load(router.url, "alpha")
     load(router.url, "beta")
     grace = 1.0  # production shows in /slots within a poll; a beta round running then is discarded
@@ -173,7 +174,8 @@ def test_production_on_one_model_skips_the_others_rounds(llama_router: StartRout
     assert sample(text, "llama_speed_probes_skipped_total", target="r", reason=SKIP_BUSY)
 
 
-PRODUCTION_CTX: Final = 65536
+# More tokens than the test waits for at any speed; the test closes the stream first.
+PRODUCTION_TOKENS: Final = 10_000_000
 
 
 class _Production:
@@ -192,7 +194,7 @@ class _Production:
 def production(url: str, model: str) -> Iterator[_Production]:
     window = _Production()
     body: dict[str, Any] = {
-        "model": model, "prompt": "the llama", "n_predict": PRODUCTION_CTX - 64,
+        "model": model, "prompt": "the llama", "n_predict": PRODUCTION_TOKENS,
         "ignore_eos": True, "cache_prompt": False, "stream": True,
     }  # fmt: skip
 

@@ -8,11 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -76,16 +78,42 @@ def test_probe_command_fails_with_reason_when_server_is_absent() -> None:
     assert "Traceback" not in done.stderr
 
 
+# Each exporter's stderr goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of
+# debug lines) and the exporter then blocks on its next log line, probes and all.
+_STDERR_FILES: dict[int, Path] = {}
+
+
+@contextmanager
+def logged_process(cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """`cmd` started with its stderr in a file (`stderr_of`); killed at the end if still up."""
+    with tempfile.TemporaryDirectory() as logs:
+        log = Path(logs) / "stderr.log"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, **popen
+            )
+        _STDERR_FILES[proc.pid] = log
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            del _STDERR_FILES[proc.pid]
+
+
+def stderr_of(proc: subprocess.Popen[str]) -> str:
+    """What a process of `logged_process` has written to stderr so far."""
+    return _STDERR_FILES[proc.pid].read_text(errors="replace")
+
+
 @contextmanager
 def exporter_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     port = free_port()
-    proc = subprocess.Popen(
-        [*EXPORTER, "run", "--web.listen-address", f"127.0.0.1:{port}", "--log.format", "json",
-         *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
+    cmd = [*EXPORTER, "run", "--web.listen-address", f"127.0.0.1:{port}",
+           "--log.format", "json", *args]  # fmt: skip
+    with logged_process(cmd, env=clean_env()) as proc:
+        base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -93,13 +121,9 @@ def exporter_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
                 break
             except httpx.TransportError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(proc.communicate()[1]) from None
+                    raise AssertionError(stderr_of(proc)) from None
                 time.sleep(0.05)  # polling for the port to open, within the deadline
         yield proc, base
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def scrape_until(base: str, name: str, value: float, timeout: float = 60, **labels: str) -> str:
@@ -116,9 +140,9 @@ def scrape_until(base: str, name: str, value: float, timeout: float = 60, **labe
 def stop_within(proc: subprocess.Popen[str], seconds: float) -> tuple[int, str]:
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=seconds + 5)
+    proc.wait(timeout=seconds + 5)
     assert time.monotonic() - started < seconds, "did not stop in time"
-    return proc.returncode, err
+    return proc.returncode, stderr_of(proc)
 
 
 @pytest.mark.real_server

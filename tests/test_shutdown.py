@@ -25,7 +25,7 @@ from exporter.watchdog import EXIT_SHUTDOWN_FORCED, ShutdownWatchdog
 from tests.daemon_harness import sample
 from tests.fakes import fixture_json
 from tests.stuck_daemon import STUCK_THREAD
-from tests.test_cli import clean_env, exporter_process
+from tests.test_cli import clean_env, exporter_process, logged_process, stderr_of
 
 # The promise is 5 s; this much is allowed on a loaded 2-core machine before the test calls
 # it broken. What each test asserts is that the process exited, and which path ended it.
@@ -38,16 +38,18 @@ def events(stderr: str) -> list[dict[str, Any]]:
 
 
 def terminate(proc: subprocess.Popen[str]) -> tuple[int, float, str]:
-    """SIGTERM, then the exit status, the seconds it took and stderr."""
+    """SIGTERM to an exporter of `exporter_process`, then its exit status, the seconds it
+    took and its stderr."""
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
-        _, err = proc.communicate(timeout=EXIT_WAIT_S)
+        proc.wait(timeout=EXIT_WAIT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
+        proc.wait()
+        err = stderr_of(proc)
         raise AssertionError(f"still running {EXIT_WAIT_S} s after SIGTERM:\n{err}") from None
-    return proc.returncode, time.monotonic() - started, err
+    return proc.returncode, time.monotonic() - started, stderr_of(proc)
 
 
 # --- the watchdog, in this process -------------------------------------------------------------
@@ -93,17 +95,10 @@ def test_a_thread_the_exit_would_join_for_ever_is_cut_short() -> None:
     """The real daemon, SIGTERM, and a default-executor call that never returns: asyncio.run
     would wait for it without end; the watchdog ends the process and says what was running."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.stuck_daemon", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=REPO,
-    )  # fmt: skip
-    try:
+    cmd = [sys.executable, "-m", "tests.stuck_daemon", f"127.0.0.1:{port}"]
+    with logged_process(cmd, env=clean_env(), cwd=REPO) as proc:
         wait_until_serving(proc, f"http://127.0.0.1:{port}")
         code, _, err = terminate(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert code == EXIT_SHUTDOWN_FORCED, err
     names = [e["event"] for e in events(err)]
     assert "exporter_stopped" in names  # the orderly part finished; the join did not
@@ -120,7 +115,7 @@ def wait_until_serving(proc: subprocess.Popen[str], base: str) -> None:
             httpx.get(f"{base}/healthz", timeout=1)
         except httpx.TransportError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(proc.communicate()[1]) from None
+                raise AssertionError(stderr_of(proc)) from None
             time.sleep(0.05)  # polling for the port to open, within the deadline
         else:
             return

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from exporter.llama.client import BAD_RESPONSE, NOT_SUPPORTED, ServerApi, ServerError
+from exporter.llama.untrusted import MAX_SLOTS, MAX_TOKENS, bounded_int
 
 
 @dataclass(frozen=True)
@@ -46,28 +47,27 @@ class Activity:
         return any(task != before.get(slot) for slot, task in self.tasks if slot != probe_slot)
 
 
-# More slots or tokens than any server has: the answer is broken, not the server large.
-_MAX_SLOTS = 4096
+# Task ids only count up; past this one is not a task id.
 _MAX_ID = 2**63 - 1
 
 
-def _whole(value: Any, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
-        raise ValueError("not a whole number in range")
-    return value
+def _slot_id(slot: Any) -> int:
+    return bounded_int(slot["id"], 0, MAX_SLOTS, "slot id")
 
 
 def parse_slots(data: Any) -> Activity:
-    if not isinstance(data, list) or len(data) > _MAX_SLOTS:
+    if not isinstance(data, list) or len(data) > MAX_SLOTS:
         raise ServerError(BAD_RESPONSE, "/slots is not a JSON array of slots")
     try:
-        busy = frozenset(_whole(s["id"], _MAX_SLOTS) for s in data if s.get("is_processing"))
+        busy = frozenset(_slot_id(s) for s in data if s.get("is_processing"))
         tasks = tuple(
-            (_whole(s["id"], _MAX_SLOTS), int(s["id_task"]))
+            (_slot_id(s), int(s["id_task"]))
             for s in data
             if isinstance(s.get("id_task"), int) and abs(s["id_task"]) <= _MAX_ID
         )
-        held = sum(_whole(s.get("n_prompt_tokens", 0), 2**31 - 1) for s in data)
+        held = sum(
+            bounded_int(s.get("n_prompt_tokens", 0), 0, MAX_TOKENS, "n_prompt_tokens") for s in data
+        )
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ServerError(BAD_RESPONSE, "/slots entries lack id or is_processing") from None
     return Activity(len(busy), 0, busy, tasks, held)

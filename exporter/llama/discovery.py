@@ -8,11 +8,9 @@ from pathlib import PurePath
 from typing import Any
 
 from exporter.llama.client import BAD_RESPONSE, ServerApi, ServerError
-from exporter.llama.untrusted import clean_text
+from exporter.llama.untrusted import MAX_SLOTS, MAX_TOKENS, bounded_int, clean_text
 
-# Beyond any real server: a larger figure is a broken or hostile answer, not a big model.
-_MAX_TOKENS = 2**31 - 1
-_MAX_SLOTS = 4096
+# PATH_MAX: a longer model_path is no path.
 _MAX_PATH_CHARS = 4096
 
 
@@ -55,12 +53,6 @@ def _opt_int(value: Any) -> int | None:
     return int(value)
 
 
-def _int_in(value: Any, low: int, high: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{what} is not an integer in {low}..{high}")
-    return value
-
-
 def parse_server_info(props: Any, models: Any) -> ServerInfo:
     try:
         if not isinstance(props, dict):
@@ -69,10 +61,10 @@ def parse_server_info(props: Any, models: Any) -> ServerInfo:
         meta = entry.get("meta") or {}
         alias = str(props.get("model_alias") or entry.get("id") or props.get("model_path", ""))
         alias = alias[:_MAX_PATH_CHARS]
-        ctx = _int_in(props["default_generation_settings"]["n_ctx"], 1, _MAX_TOKENS, "n_ctx")
+        ctx = bounded_int(props["default_generation_settings"]["n_ctx"], 1, MAX_TOKENS, "n_ctx")
         if "meta" not in entry or "n_vocab" not in meta:
             raise ValueError("/v1/models carries no meta.n_vocab")
-        n_vocab = _int_in(meta["n_vocab"], 1, _MAX_TOKENS, "meta.n_vocab")
+        n_vocab = bounded_int(meta["n_vocab"], 1, MAX_TOKENS, "meta.n_vocab")
         model_path = str(props.get("model_path", ""))
         if len(model_path) > _MAX_PATH_CHARS or "\0" in model_path:
             raise ValueError("model_path is not a path")
@@ -80,7 +72,7 @@ def parse_server_info(props: Any, models: Any) -> ServerInfo:
             model=clean_text(model_label(alias)) or "unknown",
             model_path=model_path,
             ctx=ctx,
-            slots=_int_in(props.get("total_slots", 1), 1, _MAX_SLOTS, "total_slots"),
+            slots=bounded_int(props.get("total_slots", 1), 1, MAX_SLOTS, "total_slots"),
             quant=clean_text(props.get("model_ftype") or meta.get("ftype") or "unknown"),
             build=clean_text(props.get("build_info", "unknown")),
             n_vocab=n_vocab,

@@ -8,13 +8,16 @@ exposition), control characters (which forge log lines), or megabytes.
 from __future__ import annotations
 
 import unicodedata
-from typing import Final
+from typing import Any, Final
 
 # Long enough for any real model alias, build or quant name; short enough that a server
 # cannot blow up the label index of every Prometheus that scrapes the exporter.
 LABEL_MAX_CHARS: Final = 128
 DETAIL_MAX_CHARS: Final = 200
 _REPLACEMENT: Final = "\ufffd"
+# More slots or tokens than any server has: such an answer is broken, not the server large.
+MAX_SLOTS: Final = 4096
+MAX_TOKENS: Final = 2**31 - 1
 
 
 def clean_text(value: object, limit: int = LABEL_MAX_CHARS) -> str:
@@ -30,3 +33,11 @@ def clean_text(value: object, limit: int = LABEL_MAX_CHARS) -> str:
         if unicodedata.category(c) not in ("Cc", "Cf")
     )
     return text[:limit]
+
+
+def bounded_int(value: Any, low: int, high: int, what: str) -> int:
+    """`value` when it is a JSON integer (not a float, not a bool) in `low..high`; a larger
+    figure than any real server sends is a broken or hostile answer. Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} is not an integer in {low}..{high}")
+    return value

@@ -3,7 +3,8 @@
 #
 #   docker build -t llama-speed-exporter .
 #   docker run -d --name llama-speed-exporter --network host --pid host --gpus all \
-#     -v /srv/models:/srv/models:ro llama-speed-exporter --target http://127.0.0.1:8080
+#     -v /srv/models:/srv/models:ro -v llama-speed-state:/var/lib/llama-speed-exporter \
+#     llama-speed-exporter --target http://127.0.0.1:8080
 #
 # No NVIDIA driver or CUDA is in the image: NVML's libnvidia-ml comes from the host's driver,
 # which the NVIDIA container runtime mounts (--gpus, or the compose/Kubernetes device
@@ -32,14 +33,26 @@ FROM ${PYTHON_IMAGE}
 ARG VENV=/opt/venv
 # A fixed uid, so that Kubernetes' runAsNonRoot can check it and file permissions
 # (an API key file, a models directory) can be granted to it on the host.
+# The state directory (below) is made here, in the same step, so that this user owns it.
 RUN groupadd --system --gid 10001 exporter \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-    --shell /usr/sbin/nologin exporter
+    --shell /usr/sbin/nologin exporter \
+ && install -d -o 10001 -g 10001 -m 0700 /var/lib/llama-speed-exporter
 COPY --from=builder ${VENV} ${VENV}
 ENV PATH=${VENV}/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=utility
+    NVIDIA_DRIVER_CAPABILITIES=utility \
+    LLAMA_SPEED_STORAGE_PATH=/var/lib/llama-speed-exporter
+# The state directory (--storage.path) holds baselines.json, each speed series' band: kept
+# across restarts, it keeps the regression alerts armed; lost, they re-arm only after 6 hours
+# of new rounds. A volume, so that it outlives the container's own layer and stays writable
+# under --read-only. Name it (-v llama-speed-state:/var/lib/llama-speed-exporter) to keep it
+# across `docker rm` and upgrades: each new container would get a new, empty anonymous one.
+# A new named volume takes this directory's owner (uid 10001) and mode; for another --user,
+# chown it (docs/deploy.md, "Container image"). VOLUME comes after the RUN that makes the
+# directory: a build step's later changes under a volume's path are discarded.
+VOLUME ["/var/lib/llama-speed-exporter"]
 EXPOSE 18088
 # `healthcheck` asks /healthz where `run` listens, over TLS when the web config turns it on
 # (README, docs/deploy.md), within 3 s; exit 1 and one line (docker inspect) when it does not

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import signal
 from collections.abc import Callable
@@ -29,9 +30,11 @@ from exporter.multi_target import MultiTarget
 from exporter.probe.results import DISCARD_OVERLAP, SKIP_IN_PROGRESS, RoundResult, round_figures
 from exporter.probe.runner import ProbeRunner
 from exporter.schedule.budget import DutyBudget
+from exporter.schedule.clock import SYSTEM_CLOCK, Clock
 from exporter.schedule.rounds import BudgetedRounds
 from exporter.schedule.scheduler import Scheduler
-from exporter.state.store import Store
+from exporter.state.storage import BandStorage
+from exporter.state.store import Recorded, Store
 from exporter.watchdog import ShutdownWatchdog
 from exporter.web.endpoint import WebServer, make_app
 from exporter.web.webconfig import ReloadableWebConfig, secure_app
@@ -89,6 +92,8 @@ def round_event(result: RoundResult) -> dict[str, object]:
         event.update(canary_failure=result.canary.failure, canary_detail=result.canary.detail)
     if result.detail:
         event["detail"] = result.detail
+    if result.confirmation is not None:
+        event["confirmation"] = result.confirmation
     return event
 
 
@@ -104,15 +109,27 @@ class Daemon:
         overlap_poll_interval: float = 0.5,
         first_probe_delay: float | None = None,
         nvml: Nvml | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        on_round: Callable[[RoundResult], None] = lambda _: None,
+        storage_slot: BlockingSlot | None = None,
     ) -> None:
         self.config = config
         # First: a bad web config file must stop the start before anything else is set up.
         web_config = ReloadableWebConfig(config.web_config_file) if config.web_config_file else None
-        self.store = Store([(t.name, redacted_text(t.url)) for t in config.targets])
+        self.store = Store(
+            [(t.name, redacted_text(t.url)) for t in config.targets],
+            {t.name: t.schedule.confirmation_rounds for t in config.targets},
+        )
+        self.storage = None
+        if config.storage_path is not None:
+            names = tuple(t.name for t in config.targets)
+            self.storage = BandStorage(config.storage_path, self.store, names, slot=storage_slot)
+        self._clock = clock
+        self._on_round = on_round
         self._nvml = (nvml or Nvml()) if config.gpu else None
         energy = self._nvml.energy_joules if self._nvml is not None else lambda: None
         self._runtimes = {
-            t.name: self._runtime(t, transport_factory(t), overlap_poll_interval, energy)
+            t.name: self._runtime(t, transport_factory(t), overlap_poll_interval, energy, clock)
             for t in config.targets
         }
         self._poll, self._energy = overlap_poll_interval, energy
@@ -146,19 +163,23 @@ class Daemon:
         transport: httpx.AsyncBaseTransport | None,
         poll: float,
         energy: Callable[[], float | None],
+        clock: Clock,
     ) -> _TargetRuntime:
         # Each request may take the whole round's timeout; the round itself enforces it.
         client = LlamaClient(
             target.url, target.api_key, timeout=target.plan.timeout,
             limits=target.limits, proxy=target.proxy, transport=transport,
+            clock=clock.monotonic,
         )  # fmt: skip
         runner = ProbeRunner(
-            target.name, client, target.plan, overlap_poll_interval=poll, energy=energy
+            target.name, client, target.plan, overlap_poll_interval=poll, energy=energy,
+            clock=clock.monotonic, wall_clock=clock.wall,
+        )  # fmt: skip
+        budget = DutyBudget(
+            target.schedule.duty_budget, target.schedule.duty_window, clock=clock.monotonic
         )
-        budget = DutyBudget(target.schedule.duty_budget, target.schedule.duty_window)
-        rt = _TargetRuntime(
-            target, client, runner, BudgetedRounds(target.name, runner.run_round, budget)
-        )
+        rounds = BudgetedRounds(target.name, runner.run_round, budget, wall_clock=clock.wall)
+        rt = _TargetRuntime(target, client, runner, rounds)
         if target.mode != "auto":
             rt.kind = target.mode
         return rt
@@ -179,7 +200,7 @@ class Daemon:
             rt.multi = MultiTarget(
                 rt.target, rt.client, rt.kind, self.store, rt.rounds.budget,
                 poll=self._poll, energy=self._energy, proc_root=self._processes.proc_root,
-                local=local_port(rt.target.url) is not None,
+                local=local_port(rt.target.url) is not None, clock=self._clock,
             )  # fmt: skip
         self.store.record_kind(rt.target.name, rt.kind)
         return rt.kind
@@ -227,39 +248,79 @@ class Daemon:
 
     async def probe(self, name: str) -> RoundResult | None:
         """One scheduled round: the server's, or each loaded model's behind a router or
-        llama-swap; returns the last round's result (None where no model was probed)."""
+        llama-swap, then the confirmation rounds any of their series asks for
+        (`exporter.state.baseline`); returns the last round's result (None where no model
+        was probed)."""
         rt = self._runtimes[name]
+        schedule = rt.target.schedule
         await self._kind(rt)
+        last, confirm = await self._round(rt, {})
+        for _ in range(schedule.confirmation_rounds):
+            if not confirm:
+                break
+            await asyncio.sleep(schedule.confirmation_delay)
+            result, confirm = await self._round(rt, confirm)
+            last = result or last
+        if self.storage is not None:
+            await self.storage.save()
+        return last
+
+    async def _round(
+        self, rt: _TargetRuntime, confirming: dict[str | None, str]
+    ) -> tuple[RoundResult | None, dict[str | None, str]]:
+        """A round of the target (`confirming` empty), or a confirmation round of the models
+        it names (None: the single server), each with its reason. Returns the last result and
+        the confirmations the recorded rounds ask for next, by model."""
+        name = rt.target.name
+        asked: dict[str | None, str] = {}
+        recorded: list[RoundResult] = []
+
+        def record(result: RoundResult) -> None:
+            reason = confirming.get(result.model)
+            if reason is not None:
+                result = dataclasses.replace(result, confirmation=reason)
+            recorded.append(result)
+            wanted = self._record(result).confirm
+            if wanted is not None:
+                asked[result.model] = wanted
+
         if rt.multi is None:
+            if confirming and None not in confirming:
+                return None, {}
             result = await rt.rounds.next()
             if result.server_error is not None:
                 self._connection_lost(rt, ServerError(result.server_error, result.detail))
-            self._record(result)
-            return result
+            record(result)
+            return recorded[-1], asked
         try:
-            return await rt.multi.probe(self._record)
+            only = {m for m in confirming if m is not None} if confirming else None
+            await rt.multi.probe(record, only=only)
+            return (recorded[-1] if recorded else None), asked
         except ServerError as exc:
             self._connection_lost(rt, exc)
             self.store.record_discovery(name, None, exc.reason)
             log.warning("server_unavailable", target=name, reason=exc.reason, detail=exc.detail)
-            return None
+            return None, {}
         finally:
             self.store.record_duty(name, rt.rounds.budget.used())
 
-    def _record(self, result: RoundResult) -> None:
+    def _record(self, result: RoundResult) -> Recorded:
         name = result.target
-        replaced = self.store.record_round(result)
+        recorded = self.store.record_round(result)
         self.store.record_duty(name, self._runtimes[name].rounds.budget.used())
         failed = any(o.failure for o in result.outcomes.values())
         canary = result.canary
         failed |= canary is not None and canary.failure not in (None, DISCARD_OVERLAP)
         (log.warning if failed else log.info)("probe_round", **round_event(result))
+        replaced = recorded.canary_replaced
         if replaced is not None and canary is not None and canary.output is not None:
             server = result.server
             log.warning(
                 "canary_output_changed", target=name, model=server.model if server else None,
                 was=replaced, now=canary.output.fingerprint,
             )  # fmt: skip
+        self._on_round(result)
+        return recorded
 
     def skipped_in_progress(self, name: str) -> None:
         self.store.record_skip(name, SKIP_IN_PROGRESS)
@@ -288,6 +349,8 @@ class Daemon:
         for sig in signals:
             loop.add_signal_handler(sig, self.request_stop)
         self.web.start()
+        if self.storage is not None:
+            await self.storage.load(self._clock.wall())
         log.info(
             "exporter_started",
             listen=self.config.listen_address,

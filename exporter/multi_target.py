@@ -16,7 +16,6 @@ skipped as `duty_budget`).
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from exporter.probe.plan import MeasurePlan
 from exporter.probe.results import SKIP_DUTY_BUDGET, SKIP_NOT_LOADED, RoundResult
 from exporter.probe.runner import ProbeRunner
 from exporter.schedule.budget import DutyBudget
+from exporter.schedule.clock import SYSTEM_CLOCK, Clock
 from exporter.state.store import Store
 
 log = structlog.get_logger(__name__)
@@ -63,7 +63,7 @@ class MultiTarget:
         energy: Callable[[], float | None],
         proc_root: Path,
         local: bool,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.target = target
         self.kind = kind
@@ -74,7 +74,7 @@ class MultiTarget:
         self._energy = energy
         self._proc_root = proc_root
         self._local = local  # whether the models' processes can be on this host
-        self._wall = wall_clock
+        self._clock = clock
         self._models: dict[str, _ModelRuntime] = {}
         self._turn = 0
 
@@ -85,15 +85,22 @@ class MultiTarget:
             if model.loaded:
                 await self._discover_model(model)
 
-    async def probe(self, record: Callable[[RoundResult], None]) -> RoundResult | None:
+    async def probe(
+        self, record: Callable[[RoundResult], None], *, only: set[str] | None = None
+    ) -> RoundResult | None:
         """One scheduled round of the target: every watched model, in name order from a
         starting point that moves on by one each round, so that a duty budget that admits
-        only some of them does not always favour the same ones. Each model's round goes to
-        `record` as it ends; returns the last one."""
+        only some of them does not always favour the same ones; or, with `only`, a
+        confirmation round of those models. Each model's round goes to `record` as it ends;
+        returns the last one."""
         last = None
         listed = sorted(await self._list(), key=lambda m: m.name)
-        turn, self._turn = self._turn % max(len(listed), 1), self._turn + 1
-        for model in listed[turn:] + listed[:turn]:
+        if only is not None:
+            listed = [m for m in listed if m.name in only]
+        else:
+            turn, self._turn = self._turn % max(len(listed), 1), self._turn + 1
+            listed = listed[turn:] + listed[:turn]
+        for model in listed:
             result = await self._round(model)
             if result is not None:
                 record(result)
@@ -119,7 +126,13 @@ class MultiTarget:
 
     def _skipped(self, model: str, reason: str, detail: str) -> RoundResult:
         return RoundResult(
-            self.target.name, self._wall(), 0.0, None, skips=(reason,), detail=detail, model=model
+            self.target.name,
+            self._clock.wall(),
+            0.0,
+            None,
+            skips=(reason,),
+            detail=detail,
+            model=model,
         )
 
     async def _list(self) -> list[RouterModel]:
@@ -138,6 +151,7 @@ class MultiTarget:
                 self.target.name, self.fleet.model_client(model), plan or self.target.plan,
                 model=model, activity=FleetActivity(self.fleet, model),
                 overlap_poll_interval=self._poll, energy=self._energy,
+                clock=self._clock.monotonic, wall_clock=self._clock.wall,
             )  # fmt: skip
             rt = self._models[model] = _ModelRuntime(runner, plan)
         return rt

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -21,12 +22,18 @@ import httpx
 FIXTURES = Path(__file__).parent / "fixtures" / "llama"
 
 
+@functools.cache
+def fixture_text(name: str) -> str:
+    # Read once: a simulation asks for /props thousands of times.
+    return (FIXTURES / name).read_text()
+
+
 def fixture_json(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())
+    return json.loads(fixture_text(name))
 
 
 def final_chunk_template() -> dict[str, Any]:
-    lines = (FIXTURES / "stream_tg.txt").read_text().splitlines()
+    lines = fixture_text("stream_tg.txt").splitlines()
     chunks = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
     return next(c for c in chunks if c["stop"])
 
@@ -130,7 +137,7 @@ class FakeLlama:
             return self._error(
                 501, "This server does not support metrics endpoint.", "not_supported_error"
             )
-        text = (FIXTURES / "metrics.txt").read_text()
+        text = fixture_text("metrics.txt")
         text = re.sub(
             r"(?m)^llamacpp:requests_processing .*$",
             f"llamacpp:requests_processing {len(self.busy_slots)}",

@@ -57,10 +57,12 @@ def samples() -> dict[str, list[Alert]]:
     return found
 
 
-def sample(name: str, **labels: str) -> Alert:
-    """`name`'s first sample, with labels changed where a case needs another box or target;
-    the annotations name the box and target too, and follow."""
-    alert = copy.deepcopy(samples()[name][0])
+def sample(name: str, severity: str | None = None, **labels: str) -> Alert:
+    """`name`'s first sample (of `severity`, where one alert has a rule per severity), with
+    labels changed where a case needs another box or target; the annotations name the box and
+    target too, and follow."""
+    found = [a for a in samples()[name] if severity in (None, a["labels"]["severity"])]
+    alert = copy.deepcopy(found[0])
     for label, value in labels.items():
         old = alert["labels"].get(label)
         alert["labels"][label] = value
@@ -209,8 +211,15 @@ def delivered(webhook: Webhook, *wanted: Alert, status: str = "firing") -> list[
     return webhook.alerts(status)
 
 
+def severities() -> list[tuple[str, str]]:
+    """(alertname, severity) of every alerting rule: the regression alerts have two rules."""
+    return sorted({(str(a["alert"]), str(a["labels"]["severity"])) for a in alerts()})
+
+
 def test_every_alert_has_a_sample() -> None:
     assert set(samples()) == {a["alert"] for a in alerts()}
+    found = {(n, a["labels"]["severity"]) for n, group in samples().items() for a in group}
+    assert found == set(severities())
     assert job_missing()["labels"] == {"alertname": ABSENT, "severity": "critical",
                                        "job": "llama-speed"}  # fmt: skip
 
@@ -218,12 +227,12 @@ def test_every_alert_has_a_sample() -> None:
 def test_every_alert_arrives_with_its_labels_summary_and_runbook(
     alertmanager: Alertmanager, webhook: Webhook
 ) -> None:
-    # Every alert of the rules, each on its own box so that none inhibits another here
-    # (inhibition has its own tests below), and the whole job missing, which has no box.
-    # Regression alerts have no instance, and keep none.
+    # Every alerting rule (the regression alerts' warning and critical both), each on its own
+    # box so that none inhibits another here (inhibition has its own tests below), and the
+    # whole job missing, which has no box.
     posted = [
-        sample(name, **({"instance": f"box-{i}:18088"} if "instance" in found[0]["labels"] else {}))
-        for i, (name, found) in enumerate(sorted(samples().items()))
+        sample(name, severity, instance=f"box-{i}:18088")
+        for i, (name, severity) in enumerate(severities())
     ]
     posted.append(job_missing())
     alertmanager.post(*posted)
@@ -253,9 +262,21 @@ def test_inhibition_stays_within_one_box_and_target(
     alertmanager.post(absent, down)
     delivered(webhook, absent, down)
 
+    # A regression past the critical threshold of box 5's prod, which the rules fire with its
+    # warning: one page for the series.
+    regression = "LlamaSpeedGenerationRegression"
+    critical = sample(regression, "critical", instance="gpu-box-5:18088", target="prod")
+    other_depth = sample(regression, "warning", instance="gpu-box-5:18088", target="prod")
+    other_depth["labels"]["depth"] = "8192"
+    # Each inhibited alert with the source that inhibits it.
     inhibited = [
-        sample("LlamaSpeedGpuMemoryNearlyFull", instance=BOX_1),  # box 1's: blind anyway
-        sample("LlamaSpeedKvCacheNearlyFull", instance=BOX_2, target="prod"),
+        (sample("LlamaSpeedGpuMemoryNearlyFull", instance=BOX_1), absent),  # box 1's: blind
+        (sample("LlamaSpeedKvCacheNearlyFull", instance=BOX_2, target="prod"), down),
+        # Regression alerts carry the box and target of their series: a regression warning
+        # of box 1 is blind like the rest, one of box 2's prod only repeats the down page.
+        (sample(regression, "warning", instance=BOX_1), absent),
+        (sample("LlamaSpeedPromptRegression", "warning", instance=BOX_2, target="prod"), down),
+        (sample(regression, "warning", instance="gpu-box-5:18088", target="prod"), critical),
     ]
     kept = [
         # The bug this guards against: box 1 absent silenced box 2's GPU warning.
@@ -263,16 +284,19 @@ def test_inhibition_stays_within_one_box_and_target(
         # Box 2's other llama-server, and a llama-server of the same name on another box.
         sample("LlamaSpeedKvCacheNearlyFull", instance=BOX_2, target="lab"),
         sample("LlamaSpeedKvCacheNearlyFull", instance="gpu-box-3:18088", target="prod"),
-        # Regression alerts carry a target but no instance: no server down inhibits them.
-        sample("LlamaSpeedGenerationRegression", target="prod"),
+        sample(regression, "warning", instance=BOX_2, target="lab"),
+        sample(regression, "warning", instance="gpu-box-3:18088"),
+        # The critical regression, and the warning of another depth on its box and target.
+        critical,
+        other_depth,
     ]
-    alertmanager.post(*inhibited, *kept)
+    alertmanager.post(*(alert for alert, _ in inhibited), *kept)
     delivered(webhook, *kept)
     fingerprint = {key(a): a["fingerprint"] for a in webhook.alerts("firing") if a["fingerprint"]}
     for source in (absent, down):
         assert alertmanager.state(source)["state"] == "active"
-    assert alertmanager.state(inhibited[0])["inhibitedBy"] == [fingerprint[key(absent)]]
-    assert alertmanager.state(inhibited[1])["inhibitedBy"] == [fingerprint[key(down)]]
+    for alert, source in inhibited:
+        assert alertmanager.state(alert)["inhibitedBy"] == [fingerprint[key(source)]]
     # The whole job missing has no box: it inhibits nothing either.
     alertmanager.post(job_missing())
     delivered(webhook, job_missing())
@@ -286,29 +310,35 @@ def test_inhibition_stays_within_one_box_and_target(
     sentinel = sample("LlamaSpeedServerDown", instance="gpu-box-4:18088")
     alertmanager.post(sentinel)
     delivered(webhook, sentinel)
-    assert {key(a) for a in inhibited}.isdisjoint(key(a) for a in webhook.alerts("firing"))
+    silenced = {key(alert) for alert, _ in inhibited}
+    assert silenced.isdisjoint(key(a) for a in webhook.alerts("firing"))
 
 
 def test_grouping_one_notification_per_alert_box_and_target(
     alertmanager: Alertmanager, webhook: Webhook
 ) -> None:
-    regression = sample("LlamaSpeedGenerationRegression", target="prod")
-    deeper = copy.deepcopy(regression)
+    name = "LlamaSpeedGenerationRegression"
+    regression = sample(name, "warning", instance=BOX_1, target="prod")
+    # Another depth of the same model, past the critical threshold: the same notification.
+    deeper = sample(name, "critical", instance=BOX_1, target="prod")
     deeper["labels"]["depth"] = "4096"
-    other_target = sample("LlamaSpeedGenerationRegression", target="lab")
+    other_target = sample(name, "warning", instance=BOX_1, target="lab")
+    other_box = sample(name, "warning", instance=BOX_2, target="prod")
     gpu_1 = sample("LlamaSpeedGpuMemoryNearlyFull", instance=BOX_1)
     gpu_2 = sample("LlamaSpeedGpuMemoryNearlyFull", instance=BOX_2)
-    posted = [regression, deeper, other_target, gpu_1, gpu_2]
+    posted = [regression, deeper, other_target, other_box, gpu_1, gpu_2]
     alertmanager.post(*posted)
     delivered(webhook, *posted)
     groups = {
         tuple(sorted(n["groupLabels"].items())): sorted(key(a) for a in n["alerts"])
         for n in webhook.received
     }
-    name = "LlamaSpeedGenerationRegression"
     assert groups == {
-        (("alertname", name), ("target", "prod")): sorted([key(regression), key(deeper)]),
-        (("alertname", name), ("target", "lab")): [key(other_target)],
+        (("alertname", name), ("instance", BOX_1), ("target", "prod")): sorted(
+            [key(regression), key(deeper)]
+        ),
+        (("alertname", name), ("instance", BOX_1), ("target", "lab")): [key(other_target)],
+        (("alertname", name), ("instance", BOX_2), ("target", "prod")): [key(other_box)],
         (("alertname", gpu_1["labels"]["alertname"]), ("instance", BOX_1)): [key(gpu_1)],
         (("alertname", gpu_2["labels"]["alertname"]), ("instance", BOX_2)): [key(gpu_2)],
     }
@@ -317,8 +347,9 @@ def test_grouping_one_notification_per_alert_box_and_target(
 def test_resolved_alerts_are_sent_and_read_right(
     alertmanager: Alertmanager, webhook: Webhook
 ) -> None:
-    regression = sample("LlamaSpeedGenerationRegression")
-    down = sample("LlamaSpeedServerDown")
+    regression = sample("LlamaSpeedGenerationRegression", "warning")
+    # On another box: a server down inhibits the warnings of its own box and target.
+    down = sample("LlamaSpeedServerDown", instance=BOX_2)
     alertmanager.post(regression, down)
     delivered(webhook, regression, down)
     alertmanager.post(regression, down, resolved=True)

@@ -402,7 +402,7 @@ def test_a_swap_under_the_same_alias_counts_and_a_new_name_or_ctx_starts_again()
             (server(), output(2)), (server(), output(2)),
         ]
     ):  # fmt: skip
-        replaced = store.record_round(canary_round(info, out, 100.0 * n))
+        replaced = store.record_round(canary_round(info, out, 100.0 * n)).canary_replaced
     assert replaced == output(1).fingerprint
     (state,) = store.snapshot()
     assert state.canary.changes == 1 and state.canary.last_change_time == 301.0

@@ -18,6 +18,12 @@ import pytest
 import yaml
 
 from tests.conftest import run_promtool
+from tests.test_rules import (
+    RECORDING_RULES,
+    REGRESSION_SETTINGS,
+    REGRESSION_THRESHOLDS,
+    recorded_names,
+)
 
 ROOT = Path(__file__).parent.parent
 GRAFANA = ROOT / "grafana"
@@ -33,11 +39,10 @@ EXPECTED_UIDS = {
 PROVISIONED_UID = "llama-speed-prometheus"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 ALLOWED_UIDS = {"${datasource}", PROVISIONED_UID}
-RECORDING_RULES = {
-    f"target_model_ctx_depth:llama_speed_{kind}_tokens_per_second:{window}"
-    for kind in ("prompt", "generation")
-    for window in ("rate1h", "rate6h", "baseline7d")
-}
+# What the dashboards may query of the rules: the recorded speeds, and the regression alerts'
+# settings and per-series thresholds (tests/test_rules.py pins their names).
+KNOWN_RULES = RECORDING_RULES | REGRESSION_SETTINGS | REGRESSION_THRESHOLDS
+ALERTS = ROOT / "deploy" / "prometheus" / "rules" / "alerts.yml"
 VARIABLES = ("datasource", "instance", "target", "model", "ctx")
 PANEL_TYPES = {"row", "text", "timeseries", "stat", "table", "bargauge"}
 WITHOUT_QUERIES = {"row", "text"}
@@ -45,6 +50,7 @@ GRID_WIDTH = 24
 
 METRIC = re.compile(r"(?<![:\w])llama_speed_[a-z_]+")
 RULE = re.compile(r"[a-z_]+:llama_speed_[a-z_]+:[a-z0-9_]+")
+SETTING = re.compile(r"(?<![\w:])llama_speed:[a-z_]+:[a-z0-9_]+")
 # Grafana's variables as the "All" option and a short range fill them, for promtool.
 BUILTINS = {"__range": "5m", "__rate_interval": "1m", "__interval": "15s", "__range_s": "300"}
 
@@ -307,19 +313,98 @@ def test_every_metric_exists_in_the_golden_exposition_or_the_rules(path: Path) -
     for where, expr in exprs(load(path)):
         for name in METRIC.findall(expr):
             assert name in known, f"{where}: {name} is not in tests/golden"
-        for name in RULE.findall(expr):
-            assert name in RECORDING_RULES, f"{where}: {name} is not a recording rule"
-    # Descriptions and empty-panel texts name metrics too: none that does not exist.
+        for name in RULE.findall(expr) + SETTING.findall(expr):
+            assert name in KNOWN_RULES, f"{where}: {name} is not a recording rule"
+    # Descriptions and empty-panel texts name metrics and rules too: none that does not exist.
     text = " ".join(strings(load(path)))
     assert set(METRIC.findall(text)) - known == set()
-    assert set(RULE.findall(text)) - RECORDING_RULES == set()
+    assert set(RULE.findall(text) + SETTING.findall(text)) - KNOWN_RULES == set()
+    assert recorded_names() >= KNOWN_RULES
 
 
-def test_the_dashboards_use_the_recording_rules_for_baselines() -> None:
+def speed_panel(title: str) -> dict[str, Any]:
+    (panel,) = [p for p in panels(load(GRAFANA / "dashboards" / "llama-speed-speed.json"))
+                if p["title"] == title]  # fmt: skip
+    return panel
+
+
+def queries(panel: dict[str, Any]) -> dict[str, str]:
+    return {t["refId"]: " ".join(t["expr"].split()) for t in panel["targets"]}
+
+
+def test_the_speed_graphs_draw_the_exporters_baseline_and_the_warning_line() -> None:
     text = "".join(p.read_text() for p in DASHBOARDS)
-    for kind in ("prompt", "generation"):
-        for window in ("rate1h", "baseline7d"):
-            assert f"target_model_ctx_depth:llama_speed_{kind}_tokens_per_second:{window}" in text
+    assert "baseline7d" not in text, "the 7-day recording rules are gone"
+    for title, kind in (
+        ("Prompt processing (PP)", "prompt"),
+        ("Token generation (TG)", "generation"),
+    ):
+        found = queries(speed_panel(title))
+        assert found["A"].startswith(f"llama_speed_{kind}_tokens_per_second{{")
+        assert found["B"].startswith(
+            f"target_model_ctx_depth:llama_speed_{kind}_tokens_per_second:rate1h{{"
+        )
+        assert found["C"].startswith(f"llama_speed_{kind}_baseline_tokens_per_second{{")
+        # The line the latest round must fall under for the warning: the series' own
+        # threshold, which is the configured share or its noise, whichever is larger.
+        threshold = f"target_model_ctx_depth:llama_speed_{kind}_regression_threshold:ratio{{"
+        assert found["D"].startswith(f"llama_speed_{kind}_baseline_tokens_per_second{{")
+        assert f"* (1 - {threshold}" in found["D"]
+
+
+def rule_setting(name: str) -> float:
+    """The constant of a regression setting in the shipped rules."""
+    exprs = [
+        str(rule["expr"])
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+        if rule.get("record") == name
+    ]
+    (found,) = [re.fullmatch(r"vector\(([0-9.]+)\)", e.strip()) for e in exprs]
+    assert found, exprs
+    return float(found.group(1))
+
+
+def test_share_of_baseline_compares_what_the_alerts_compare() -> None:
+    warning = 1 - rule_setting("llama_speed:regression_threshold:ratio")
+    critical = 1 - rule_setting("llama_speed:regression_critical_threshold:ratio")
+    for title, kind in (("PP: % of baseline", "prompt"), ("TG: % of baseline", "generation")):
+        panel = speed_panel(title)
+        (query,) = queries(panel).values()
+        recent, _, baseline = query.partition(" / ")
+        assert recent.startswith(f"llama_speed_{kind}_recent_tokens_per_second{{"), query
+        assert baseline.startswith(f"llama_speed_{kind}_baseline_tokens_per_second{{"), query
+        # Coloured at the alerts' shares, which the description names.
+        assert steps(panel) == [("red", None), ("orange", pytest.approx(critical)),
+                                ("green", pytest.approx(warning))]  # fmt: skip
+        assert f"below {warning:.0%}" in panel["description"]
+        assert f"below {critical:.0%}" in panel["description"]
+
+
+def test_the_arming_table_words_each_state() -> None:
+    panel = speed_panel("Regression alerting armed")
+    hours = int(rule_setting("llama_speed:regression_min_history:hours"))
+    state = queries(panel)["A"]
+    assert "llama_speed_baseline_history_seconds{" in state
+    assert "clamp_max(floor(" in state and f"/ 3600), {hours})" in state
+    assert "llama_speed_baseline_rounds{" in state and ">= 12" in state
+    (override,) = [o for o in panel["fieldConfig"]["overrides"]
+                   if o["matcher"]["options"] == "Regression alerts"]  # fmt: skip
+    (mappings,) = [p["value"] for p in override["properties"] if p["id"] == "mappings"]
+    words = {value: result["text"] for m in mappings for value, result in m["options"].items()}
+    assert words[str(hours)] == "armed"
+    assert words["2"] == f"arming: 2 h of {hours} h"
+    assert words["-5"] == "no baseline: 7 of 12 rounds"
+    # Every figure the query can give is worded: -12..-1 before a baseline, 0..hours after.
+    assert set(words) == {str(v) for v in range(-12, hours + 1)}
+    index = [result["index"] for m in mappings for result in m["options"].values()]
+    assert sorted(index) == list(range(len(index)))
+
+
+def test_confirmation_rounds_are_shown_by_reason() -> None:
+    (query,) = queries(speed_panel("Confirmation rounds by reason (time range)")).values()
+    assert "increase(llama_speed_probe_confirmations_total{" in query
+    assert "sum by (target, reason)" in query
 
 
 @boards
@@ -364,9 +449,8 @@ def test_thresholds_say_what_is_bad() -> None:
             assert steps(panel) == [("red", None), ("green", 1)], title
     for panel in [*titled("VRAM used per GPU"), *titled("share of each GPU")]:
         assert steps(panel) == [("green", None), ("orange", 0.9), ("red", 0.95)]
-    for panel in titled("% of 7-day baseline"):
+    for panel in titled("% of baseline"):
         assert steps(panel)[0] == ("red", None)
-        assert steps(panel)[1][1] == 0.85
 
 
 @boards

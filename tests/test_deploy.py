@@ -47,6 +47,10 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 PORT = 18088
 UID = 10001
 DEPLOY_REQUIREMENTS = "pip install -r requirements-deploy-test.txt"
+# The state directory (--storage.path) every shipped form gives the exporter, each kept where
+# it outlives the process: without it a restart disarms the regression alerts for 6 hours.
+STORAGE = "LLAMA_SPEED_STORAGE_PATH"
+STATE_DIR = "/var/lib/llama-speed-exporter"
 
 
 def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
@@ -69,6 +73,15 @@ def check_exporter_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv(name, value)
     _, config = parse(["run"])  # raises ConfigError on an unknown value
     return config
+
+
+def with_state_dir(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """`env` with its state directory, which must be STATE_DIR, moved to a directory here: the
+    exporter refuses to start without the directory."""
+    assert env[STORAGE] == STATE_DIR, env.get(STORAGE)
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    return env | {STORAGE: str(state)}
 
 
 def env_file_assignments(path: Path, *, commented: bool) -> dict[str, str]:
@@ -177,6 +190,29 @@ def test_dockerfile_final_stage() -> None:
     assert engine_timeout, options
     # Python's start-up and the imports come on top of the check's own timeout.
     assert int(engine_timeout[1]) >= HEALTHCHECK_DEFAULT_TIMEOUT + 2
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The final stage's ENV, as NAME=value pairs (the Dockerfile writes no quoted values)."""
+    _, final = dockerfile_stages()[1]
+    return dict(pair.split("=", 1) for args in instructions(final, "ENV") for pair in args.split())
+
+
+def test_dockerfile_keeps_the_state_directory_in_a_volume() -> None:
+    _, final = dockerfile_stages()[1]
+    assert dockerfile_env()[STORAGE] == STATE_DIR
+    # Made by the image, owned by its user (a new named volume copies owner and mode), private.
+    made = [
+        i
+        for i, (keyword, args) in enumerate(final)
+        if keyword == "RUN" and f"install -d -o {UID} -g {UID} -m 0700 {STATE_DIR}" in args
+    ]
+    assert len(made) == 1, "no RUN makes the state directory for the image's user"
+    # A volume: outside the container's layer, writable with --read-only. Declared after the
+    # RUN that makes the directory, whose later changes there the build would discard.
+    volumes = [i for i, (keyword, _) in enumerate(final) if keyword == "VOLUME"]
+    assert [json.loads(final[i][1]) for i in volumes] == [[STATE_DIR]]
+    assert volumes[0] > made[0]
 
 
 def test_dockerfile_healthcheck_is_a_command_the_cli_knows(
@@ -518,6 +554,23 @@ def test_compose_grafana_loads_the_provisioning_and_dashboards() -> None:
     assert listen == f"127.0.0.1:{port}"
 
 
+def test_compose_exporter_keeps_its_state_in_a_named_volume() -> None:
+    data = compose()
+    exporter = data["services"]["exporter"]
+    # The image's state directory, named here too, so that the volume and the setting are
+    # seen together; the environment wins over exporter.env, which must not try to move it.
+    assert exporter["environment"][STORAGE] == dockerfile_env()[STORAGE] == STATE_DIR
+    example = env_file_assignments(COMPOSE_DIR / "exporter.env.example", commented=True)
+    assert STORAGE not in example
+    (state,) = [
+        v for v in exporter["volumes"] if isinstance(v, dict) and v.get("target") == STATE_DIR
+    ]
+    assert state["type"] == "volume"
+    assert not state.get("read_only", False)  # read_only: true is the container's root only
+    assert state["source"] in data["volumes"]  # a named volume of the project, kept by `down`
+    assert "tmpfs" not in state  # and so not gone with the container
+
+
 def test_compose_exporter_settings_are_accepted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -533,10 +586,11 @@ def test_compose_exporter_settings_are_accepted(
     # The key comes from the secret; a variable besides would be refused as a second key.
     assert "LLAMA_SPEED_API_KEY" not in example
     example.pop("LLAMA_SPEED_WEB_CONFIG_FILE")  # a file the example only names
-    config = check_exporter_env(env | example, monkeypatch)
+    config = check_exporter_env(with_state_dir(env | example, tmp_path), monkeypatch)
     (target,) = config.targets
     assert target.api_key is not None and target.api_key.get_secret_value() == "0123abcd"
     assert config.listen_address == f"127.0.0.1:{PORT}"
+    assert config.storage_path == tmp_path / "state"
 
 
 def test_compose_key_file_serves_llama_server_and_the_exporter(
@@ -620,7 +674,35 @@ def test_systemd_unit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     env = env_file_assignments(SYSTEMD / "llama-speed-exporter.env", commented=True)
     env.pop("LLAMA_SPEED_CONFIG_FILE")  # a file the example only names
     assert env["LLAMA_SPEED_TARGET"] == "http://127.0.0.1:8080"
+    # The unit's state directory; the environment file (which wins over Environment=) would
+    # move it somewhere ProtectSystem=strict leaves read-only.
+    assert STORAGE not in env
     check_exporter_env(env, monkeypatch)
+
+
+def test_systemd_unit_keeps_the_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = unit_settings(UNIT)
+    # systemd makes /var/lib/private/<name> for the transient user (DynamicUser=yes), keeps it
+    # across restarts and uid changes, and exempts it from ProtectSystem=strict; %S is /var/lib.
+    assert s["DynamicUser"] == ["yes"]
+    assert s["ProtectSystem"] == ["strict"]
+    assert s["StateDirectory"] == [Path(STATE_DIR).name]
+    environment = dict(v.split("=", 1) for v in s["Environment"])
+    assert environment[STORAGE] == "%S/" + s["StateDirectory"][0]
+    # Nothing takes it away again: no path setting covers /var/lib, no private or temporary one.
+    for key in ("ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem"):
+        assert key not in s, key
+    # The exporter takes the unit's variables, %S expanded as the system manager does.
+    unit_env = {k: v.replace("%S", "/var/lib") for k, v in environment.items()}
+    config = check_exporter_env(with_state_dir(unit_env, tmp_path), monkeypatch)
+    assert config.storage_path == tmp_path / "state"
+    # systemd-analyze checks the setting where it is installed: an absolute path is refused.
+    broken = UNIT.read_text().replace(
+        "StateDirectory=llama-speed-exporter", "StateDirectory=/var/lib/llama-speed-exporter"
+    )
+    assert "StateDirectory= path is absolute" in systemd_analyze_verify(tmp_path, broken)
 
 
 def systemd_analyze_verify(tmp_path: Path, unit_text: str) -> str:
@@ -740,6 +822,9 @@ def test_kustomize_builds_base_and_overlay() -> None:
     (daemonset,) = [d for d in base if d["kind"] == "DaemonSet"]
     image = daemonset["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == f"llama-speed-exporter:{VERSION}"
+    # The images transformer sets the init container's image too: the one that is pulled.
+    (init,) = daemonset["spec"]["template"]["spec"]["initContainers"]
+    assert init["image"] == image
     overlay = kustomize_build(K8S / "overlays" / "kube-prometheus-stack")
     for doc in overlay:
         if doc["kind"] in ("ServiceMonitor", "PrometheusRule"):
@@ -768,7 +853,7 @@ def test_builtin_kinds_validate_against_the_kubernetes_schemas() -> None:
 
 
 def test_daemonset_service_and_service_monitor_fit_together(
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     daemonset, service, monitor = (
         resource("DaemonSet"),
@@ -806,7 +891,7 @@ def test_daemonset_service_and_service_monitor_fit_together(
         for k, v in env.items()
         if k.startswith("LLAMA_SPEED_") and v is not None
     }
-    config = check_exporter_env(settings, monkeypatch)
+    config = check_exporter_env(with_state_dir(settings, tmp_path), monkeypatch)
     assert [(t.name, t.url) for t in config.targets] == [("gpu-node-7", "http://127.0.0.1:8080")]
 
     # The image's user, and nothing writable or privileged.
@@ -840,6 +925,74 @@ def test_daemonset_service_and_service_monitor_fit_together(
 
     images = kustomization(K8S_BASE)["images"]
     assert images == [{"name": container["image"], "newTag": VERSION}]
+
+
+STATE_INIT = "state-dir"
+
+
+def test_daemonset_keeps_its_state_on_the_node() -> None:
+    spec = resource("DaemonSet")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env[STORAGE] == STATE_DIR
+    # The node's disk, where it outlives the pod (a rollout, an eviction, a reboot).
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == STATE_DIR]
+    assert not mount.get("readOnly", False)
+    assert volumes[mount["name"]] == {
+        "name": mount["name"],
+        "hostPath": {"path": STATE_DIR, "type": "DirectoryOrCreate"},
+    }
+    # The kubelet makes it root:root 0755 and fsGroup leaves hostPath alone: the init container
+    # gives it to the pod's group, group-writable, before the exporter starts.
+    (init,) = spec["initContainers"]
+    assert init["name"] == STATE_INIT
+    assert init["image"] == container["image"]
+    assert [m for m in init["volumeMounts"] if m["name"] == mount["name"]] == [
+        {"name": mount["name"], "mountPath": STATE_DIR}
+    ]
+    pod_security = spec["securityContext"]
+    group = pod_security["runAsGroup"]
+    assert pod_security["fsGroup"] == group == UID
+    shell, flag, script = init["command"]
+    assert (shell, flag) == ("sh", "-c")
+    assert script == f"chgrp {group} {STATE_DIR} && chmod 0770 {STATE_DIR}"
+    # Root for chgrp, with that one capability; nothing else of the exporter's posture given up.
+    security = init["securityContext"]
+    assert (security["runAsUser"], security["runAsNonRoot"]) == (0, False)
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert {"requests", "limits"} <= set(init["resources"])
+
+
+def test_daemonset_state_init_command_with_chown_alone(tmp_path: Path) -> None:
+    """The init container's script on a root-owned 0755 directory, as root with CAP_CHOWN
+    and no other capability, twice (each start of the pod runs it): group, then mode."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to drop every capability but CHOWN")
+    (init,) = resource("DaemonSet")["spec"]["template"]["spec"]["initContainers"]
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    script = init["command"][2].replace(STATE_DIR, str(state))
+    drop = [setpriv, "--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all"]
+    for _ in range(2):
+        done = subprocess.run(
+            [*drop, "--bounding-set=-all,+chown", "sh", "-c", script],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        info = state.stat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (0, UID, 0o770)
+    # The capability is needed: without it, chgrp is refused.
+    state.chmod(0o755)
+    os.chown(state, 0, 0)
+    done = subprocess.run(
+        [*drop, "--bounding-set=-all", "sh", "-c", script],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
 
 
 def test_api_key_component_mounts_the_secret_as_a_file(
@@ -895,8 +1048,13 @@ def test_api_key_component_mounts_the_secret_as_a_file(
         if name.startswith("LLAMA_SPEED_") and "value" in e
     }
     settings["LLAMA_SPEED_API_KEY_FILE"] = str(key_file)
-    (target,) = check_exporter_env(settings, monkeypatch).targets
+    (target,) = check_exporter_env(with_state_dir(settings, tmp_path), monkeypatch).targets
     assert target.api_key is not None and target.api_key.get_secret_value() == "s3cret-key"
+
+
+def test_config_example_names_the_state_directory() -> None:
+    example = yaml.safe_load((ROOT / "deploy" / "config.example.yaml").read_text())
+    assert example["storage"] == {"path": STATE_DIR}
 
 
 # --- docs/deploy.md ---------------------------------------------------------------------------
@@ -908,6 +1066,13 @@ def test_deploy_doc_covers_each_form_and_links_resolve() -> None:
     headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
     for form in ("pip", "Container", "Compose", "systemd", "Kubernetes", "Several boxes"):
         assert any(form in h for h in headings), form
+    # Each form's section says where its state is kept and how to reset it (baselines.json).
+    sections = dict(re.findall(r"^## (.+)\n((?:(?!^## ).*\n)*)", text, re.MULTILINE))
+    for form in ("pip", "Container", "Compose", "systemd", "Kubernetes"):
+        (section,) = [body for heading, body in sections.items() if form in heading]
+        assert "baselines.json" in section, form
+        assert STATE_DIR in section or "--storage.path" in section, form
+    assert "## State: the speed bands" in text
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
         if not target.startswith("http"):
             assert (doc.parent / target).exists(), target

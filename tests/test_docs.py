@@ -74,10 +74,14 @@ def test_shipped_config_examples_load(name: str, monkeypatch: pytest.MonkeyPatch
     example = ROOT / "deploy" / name
     text = example.read_text().replace("/etc/llama-speed-exporter/coder.key", str(tmp_path / "k"))
     (tmp_path / "k").write_text("secret\n")
+    # The state directory must exist: the example names the shipped deployments' one.
+    text = text.replace("/var/lib/llama-speed-exporter", str(tmp_path / "state"))
+    (tmp_path / "state").mkdir()
     (tmp_path / name).write_text(text)
     _, config = parse(["--config.file", str(tmp_path / name)])
     assert [t.name for t in config.targets] == ["coder"]
     assert config.targets[0].plan.depths == (0, 16384)
+    assert config.storage_path == tmp_path / "state"
 
 
 def test_readme_bench_example_is_what_its_results_render() -> None:

@@ -25,11 +25,13 @@ from exporter.probe.results import (
     KINDS,
     CanaryOutcome,
     CanaryOutput,
+    Kind,
     KindOutcome,
     RoundResult,
     Sample,
 )
 from exporter.schedule.plan import Schedule
+from exporter.state.baseline import SeriesKey
 from exporter.state.store import Store, TargetState
 from tests import fake_pynvml
 from tests.fake_pynvml import FakePynvml
@@ -105,7 +107,15 @@ def populated_store() -> Store:
     for n, output in enumerate(earlier):
         outcome = CanaryOutcome(output, None if output else "overlap")
         store.record_round(canary_round(server(), 1_789_990_000.0 + 1200 * n, outcome))
-    store.record_round(good_round(server(), canary=CanaryOutcome(CANARY_AFTER)))
+    # Depth 0's bands as a state file restores them: twelve earlier rounds, so the good
+    # round below completes a baseline; depth 8192's has only that round.
+    info = server()
+    bands: tuple[tuple[Kind, float], ...] = (("prompt", 700.0), ("generation", 44.0))
+    for kind, speed in bands:
+        key = SeriesKey("prod", info.model, info.ctx, 0, kind)
+        rounds = [(1_789_900_000.0 + 1200 * n, speed * (1 + (n % 3 - 1) / 50)) for n in range(12)]
+        store.baselines.load(key, f"{info.model_path}|{info.quant}", rounds, now=1_790_000_000.0)
+    store.record_round(good_round(info, canary=CanaryOutcome(CANARY_AFTER)))
     store.record_skip("prod", "busy")
     # The seed's geometry: 9,984 B/token, 262,144 cells, two slots of recurrent state; an
     # A3B mixture of experts at IQ3_M reads about 1.5 GB of weights per token.

@@ -24,6 +24,7 @@ from exporter.cli import EXIT_CONFIG, main
 from exporter.config import Target
 from exporter.daemon import Daemon
 from exporter.probe.results import SKIP_BUSY, RoundResult
+from exporter.state.store import Recorded
 from tests import router_fixtures, test_llama_swap_standin
 from tests.daemon_harness import fast_target, running_daemon, sample, wait_for_metrics
 from tests.router_fixtures import StartRouter, load, router_models, statuses, unload
@@ -57,7 +58,7 @@ def recording(daemon: Daemon) -> Iterator[list[RoundResult]]:
     seen: list[RoundResult] = []
     record = daemon.store.record_round
 
-    def spy(result: RoundResult) -> str | None:
+    def spy(result: RoundResult) -> Recorded:
         seen.append(result)
         return record(result)
 

@@ -23,6 +23,7 @@ import yaml
 
 from exporter.gpu.nvml import Nvml
 from exporter.llama.server_process import free_port
+from exporter.state.baseline import MIN_BAND_ROUNDS
 from tests import fake_pynvml
 from tests.conftest import StartServer
 from tests.daemon_harness import fast_target, running_daemon
@@ -34,6 +35,14 @@ RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 # Grafana's built-in variables, at values a short test run has data for.
 BUILTINS = {"__range": "5m", "__rate_interval": "1m", "__interval": "15s", "__range_s": "300"}
+# Seconds between the exporter's rounds here. The baseline gauges, and the regression
+# thresholds the rules record from them, exist from a series' MIN_BAND_ROUNDS-th valid round
+# on: the queries that read them wait for that many rounds, and the deadline allows a minute
+# to start plus twice as long as those rounds take. The confirmation rounds stay off (their
+# 90 s delay is longer than the interval): their counters stay at 0, which the bar gauge
+# shows as "none". No series arms here (6 hours of band history); the arming table shows it.
+INTERVAL_S = 3.0
+DEADLINE_S = 60 + 2 * MIN_BAND_ROUNDS * INTERVAL_S
 
 
 def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -124,14 +133,14 @@ def test_every_dashboard_query_and_recording_rule_returns_data(
     gpus = fake_pynvml.FakePynvml()
     for gpu in gpus.gpus:  # the fake cards' llama-server is the real one
         gpu.compute_processes = [fake_pynvml.FakeProcess(server.pid, 512 * 1024 * 1024)]
-    target = fast_target("tiny", server.url, timeout=2.5, interval=3.0, depths=(0, 512))
+    target = fast_target("tiny", server.url, timeout=2.5, interval=INTERVAL_S, depths=(0, 512))
     tmp, start = prometheus
     with running_daemon([target], nvml=Nvml(gpus)) as (daemon, exporter):
         base = start(daemon.web.port)
         wanted = [(f"record {name}", name) for name in recording_rules()]
         wanted += [(where, concrete(expr)) for where, expr in dashboard_queries()]
         empty = wanted
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + DEADLINE_S
         while empty and time.monotonic() < deadline:
             # While Prometheus starts it refuses connections, then answers with non-JSON text.
             with contextlib.suppress(httpx.TransportError, json.JSONDecodeError):

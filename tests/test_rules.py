@@ -29,8 +29,23 @@ GOLDEN = [ROOT / "tests" / "golden" / name for name in ("exposition.prom", "expo
 RECORDING_RULES = {
     f"target_model_ctx_depth:llama_speed_{kind}_tokens_per_second:{window}"
     for kind in ("prompt", "generation")
-    for window in ("rate1h", "rate6h", "baseline7d")
+    for window in ("rate1h", "rate6h")
 }
+# The regression alerts' settings and per-series thresholds, which the speed dashboard draws.
+REGRESSION_GROUP = "llama-speed-regression"
+REGRESSION_SETTINGS = {
+    "llama_speed:regression_threshold:ratio",
+    "llama_speed:regression_critical_threshold:ratio",
+    "llama_speed:regression_spread_multiple:ratio",
+    "llama_speed:regression_min_history:hours",
+}
+REGRESSION_THRESHOLDS = {
+    f"target_model_ctx_depth:llama_speed_{kind}_regression{level}_threshold:ratio"
+    for kind in ("prompt", "generation")
+    for level in ("", "_critical")
+}
+REGRESSION_ALERTS = {"LlamaSpeedGenerationRegression": "generation",
+                     "LlamaSpeedPromptRegression": "prompt"}  # fmt: skip
 SEVERITIES = {"warning", "critical"}
 ABSENT_ALERT = "LlamaSpeedExporterAbsent"
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "compose" / "alertmanager" / "alertmanager.yml"
@@ -117,11 +132,24 @@ def test_promtool_unit_tests_pass(promtool: str, path: Path) -> None:
 def test_recording_rules_keep_their_names() -> None:
     names = {rule["record"] for rule in groups(RULE_FILES[0])[0]["rules"]}
     assert names == RECORDING_RULES
+    (regression,) = [g for g in groups(RULE_FILES[1]) if g["name"] == REGRESSION_GROUP]
+    recorded = [rule["record"] for rule in regression["rules"] if "record" in rule]
+    assert set(recorded) == REGRESSION_SETTINGS | REGRESSION_THRESHOLDS
+    # A group evaluates its rules in order: each rule reads only what was recorded before it
+    # in this evaluation, so the settings come first and the thresholds before the alerts.
+    kinds = ["alert" if "alert" in rule else "record" for rule in regression["rules"]]
+    assert kinds == sorted(kinds, reverse=True), "recording rules after an alert"
+    order = {name: i for i, name in enumerate(recorded)}
+    assert max(order[n] for n in REGRESSION_SETTINGS) < min(order[n] for n in REGRESSION_THRESHOLDS)
     for name in recorded_names():
         assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", name), f"{name}: level:metric:operations"
 
 
-@pytest.mark.parametrize("alert", alerts(), ids=lambda a: str(a["alert"]))
+def alert_id(alert: dict[str, Any]) -> str:
+    return f"{alert['alert']}-{alert.get('labels', {}).get('severity')}"
+
+
+@pytest.mark.parametrize("alert", alerts(), ids=alert_id)
 def test_alert_has_severity_texts_and_a_runbook_section(alert: dict[str, Any]) -> None:
     assert alert.get("labels", {}).get("severity") in SEVERITIES
     annotations = alert.get("annotations", {})
@@ -150,6 +178,14 @@ def test_every_alert_is_unit_tested_firing_and_silent() -> None:
     names = {alert["alert"] for alert in alerts()}
     assert names - firing == set(), "alerts no promtool test sees firing"
     assert names - silent == set(), "alerts no promtool test sees silent"
+    # An alert with a rule per severity: each rule is seen firing.
+    fired = {
+        (case["alertname"], expected["exp_labels"]["severity"])
+        for case in cases
+        for expected in case.get("exp_alerts") or []
+    }
+    rules_by_severity = {(alert["alert"], alert["labels"]["severity"]) for alert in alerts()}
+    assert rules_by_severity - fired == set(), "alerting rules no promtool test sees firing"
 
 
 def test_runbook_has_no_section_for_an_alert_that_does_not_exist() -> None:
@@ -190,6 +226,22 @@ def test_every_alert_names_its_box_or_target() -> None:
             assert labels.get("target") or labels.get("instance"), (case["alertname"], labels)
 
 
+def matcher(text: str) -> tuple[str, str, str]:
+    """(label, operator, value) of an Alertmanager matcher such as `severity="warning"`."""
+    found = re.fullmatch(r'\s*(\w+)\s*(=~|!~|!=|=)\s*"(.*)"\s*', text)
+    assert found, f"unexpected matcher {text!r}"
+    label, op, value = found.groups()
+    return label, op, value
+
+
+def matches(op: str, value: str, label_value: str) -> bool:
+    """Whether a matcher accepts `label_value` (a missing label is the empty string);
+    Alertmanager's regular expressions are anchored, like fullmatch."""
+    if op in ("=~", "!~"):
+        return (re.fullmatch(value, label_value) is not None) == (op == "=~")
+    return (value == label_value) == (op == "=")
+
+
 def test_inhibit_rules_never_match_across_boxes() -> None:
     config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
     alert_names = {str(alert["alert"]) for alert in alerts()}
@@ -200,22 +252,66 @@ def test_inhibit_rules_never_match_across_boxes() -> None:
         assert "instance" in rule["equal"], rule
         # Alertmanager counts two missing labels as equal: a source without an `equal`
         # label would inhibit every alert that lacks it too, on any box.
+        matchers = [matcher(m) for m in rule["source_matchers"]]
         for label in rule["equal"]:
-            assert f'{label}=~".+"' in rule["source_matchers"], (label, rule)
-        named = [m for m in rule["source_matchers"] if m.startswith("alertname=")]
-        assert {m.split('"')[1] for m in named} <= alert_names, rule
+            assert any(
+                name == label and not matches(op, value, "") for name, op, value in matchers
+            ), (label, rule)
+        # A source named by alertname names alerts that exist.
+        for name, op, value in matchers:
+            if name == "alertname" and op in ("=", "=~"):
+                assert any(matches(op, value, alert) for alert in alert_names), rule
     assert "match" not in config["route"] and "match_re" not in config["route"]
     assert {"instance", "target"} <= set(config["route"]["group_by"])
 
 
-@pytest.mark.parametrize("name", ["LlamaSpeedGenerationRegression", "LlamaSpeedPromptRegression"])
-def test_regression_texts_say_what_window_a_figure_covers(name: str) -> None:
-    # The page may arrive after speed is back: an hourly average worded as the current speed
-    # misleads. Both texts say it is an average, and the description quotes the last round.
-    (alert,) = [a for a in alerts() if a["alert"] == name]
+def regression_rules() -> list[dict[str, Any]]:
+    return [alert for alert in alerts() if alert["alert"] in REGRESSION_ALERTS]
+
+
+def test_each_regression_alert_has_a_warning_and_a_critical_rule() -> None:
+    found = sorted((a["alert"], a["labels"]["severity"]) for a in regression_rules())
+    assert found == sorted((name, s) for name in REGRESSION_ALERTS for s in SEVERITIES)
+
+
+@pytest.mark.parametrize("alert", regression_rules(), ids=alert_id)
+def test_regression_rules_read_their_own_kind_and_arm_on_history(alert: dict[str, Any]) -> None:
+    kind = REGRESSION_ALERTS[alert["alert"]]
+    other = "prompt" if kind == "generation" else "generation"
+    expr = " ".join(alert["expr"].split())
+    assert f"llama_speed_{kind}_recent_tokens_per_second" in expr
+    assert f"llama_speed_{kind}_baseline_tokens_per_second" in expr
+    assert f"llama_speed_{other}_" not in expr, "a rule of one kind reads the other's series"
+    # Armed per series, on its own kind's band, never on another series' history.
+    assert (
+        "and on (job, instance, target, model, ctx, depth)"
+        f' llama_speed_baseline_history_seconds{{probe="{kind}"}}'
+        " >= 3600 * scalar(llama_speed:regression_min_history:hours)"
+    ) in expr
+    level = "_critical" if alert["labels"]["severity"] == "critical" else ""
+    threshold = f"target_model_ctx_depth:llama_speed_{kind}_regression{level}_threshold:ratio"
+    assert f"< 1 - {threshold}" in expr
+    # The warning also wants the latest round low; the critical the median of 3 alone.
+    latest = f"( llama_speed_{kind}_tokens_per_second /"
+    assert (latest in expr) == (alert["labels"]["severity"] == "warning")
+    # Past the next scheduled round and its confirmations: a drop close to a threshold
+    # does not page and resolve by turns.
+    assert alert["keep_firing_for"] == "30m"
+
+
+@pytest.mark.parametrize("alert", regression_rules(), ids=alert_id)
+def test_regression_texts_say_what_window_a_figure_covers(alert: dict[str, Any]) -> None:
+    # The page may arrive after speed is back: a median of the last rounds worded as the
+    # current speed misleads. Both texts say what the figure covers, and the description
+    # quotes the median, the latest round and the baseline, each from the alert's own series.
     summary, description = alert["annotations"]["summary"], alert["annotations"]["description"]
-    assert "averaged over an hour" in summary and "runs at" not in summary
-    assert "Averaged over the last hour" in description
-    assert "the latest round measured" in description and "_tokens_per_second{" in description
+    assert "over its last rounds" in summary and "runs at" not in summary
+    assert "The last rounds of" in description and "a median of" in description
+    assert "the latest round" in description
+    assert "(the median of its last 3 days of rounds)" in description
+    kind = REGRESSION_ALERTS[alert["alert"]]
+    for metric in ("recent_tokens_per_second", "tokens_per_second", "baseline_tokens_per_second"):
+        query = f'llama_speed_{kind}_{metric}{{instance=%q,target=%q,model=%q,ctx=%q,depth=%q}}"'
+        assert query in description, query
     # Alertmanager repeats these on resolve: the text says what a resolved one means.
-    assert "a resolved notification repeats them" in " ".join(description.split())
+    assert "a resolved notification means the last rounds are back" in " ".join(description.split())

@@ -110,6 +110,76 @@ PROBE_ENERGY = Metric(
     "GPU energy spent during valid probes (all GPUs' energy counters, read around each "
     "request); divide by the token counters for joules per token.",
 )
+_BAND = (
+    "The band: the median of this series' valid rounds over the last 3 days (at most 256), "
+    "from 12 rounds on; see docs/alerting.md."
+)
+PROMPT_BASELINE = Metric(
+    "llama_speed_prompt_baseline_tokens_per_second",
+    "gauge",
+    SERIES,
+    f"Usual prompt processing speed. {_BAND}",
+)
+PROMPT_BASELINE_SPREAD = Metric(
+    "llama_speed_prompt_baseline_spread_tokens_per_second",
+    "gauge",
+    SERIES,
+    "Robust spread of the rounds behind llama_speed_prompt_baseline_tokens_per_second: "
+    "1.4826 x their median absolute deviation, a standard deviation unmoved by outliers.",
+)
+PROMPT_RECENT = Metric(
+    "llama_speed_prompt_recent_tokens_per_second",
+    "gauge",
+    SERIES,
+    "Median prompt processing speed of the last 3 valid rounds, confirmation rounds "
+    "included: what the regression alerts compare with the baseline.",
+)
+GENERATION_BASELINE = Metric(
+    "llama_speed_generation_baseline_tokens_per_second",
+    "gauge",
+    SERIES,
+    f"Usual token generation speed. {_BAND}",
+)
+GENERATION_BASELINE_SPREAD = Metric(
+    "llama_speed_generation_baseline_spread_tokens_per_second",
+    "gauge",
+    SERIES,
+    "Robust spread of the rounds behind llama_speed_generation_baseline_tokens_per_second: "
+    "1.4826 x their median absolute deviation, a standard deviation unmoved by outliers.",
+)
+GENERATION_RECENT = Metric(
+    "llama_speed_generation_recent_tokens_per_second",
+    "gauge",
+    SERIES,
+    "Median token generation speed of the last 3 valid rounds, confirmation rounds "
+    "included: what the regression alerts compare with the baseline.",
+)
+BASELINE_ROUNDS = Metric(
+    "llama_speed_baseline_rounds",
+    "gauge",
+    (*SERIES, "probe"),
+    "Valid rounds the series' band holds (a baseline needs 12).",
+)
+BASELINE_HISTORY = Metric(
+    "llama_speed_baseline_history_seconds",
+    "gauge",
+    (*SERIES, "probe"),
+    "Seconds from the oldest round of the series' band to its newest: the regression alerts "
+    "arm once it reaches their minimum history.",
+)
+CONFIRMATIONS = Metric(
+    "llama_speed_probe_confirmations",
+    "counter",
+    ("target", "reason"),
+    "Confirmation rounds run, by why: a round fell below_band or above_band of its series, "
+    "or came back_in_band after a confirmed change.",
+)
+STORAGE_ERRORS = Metric(
+    "llama_speed_storage_errors",
+    "counter",
+    ("target", "operation"),
+    "Failed loads and saves of the bands' state file (--storage.path); the log says why.",
+)
 PROBE_SUCCESS = Metric(
     "llama_speed_probe_success",
     "gauge",
@@ -402,6 +472,9 @@ GPU_METRICS: Final[tuple[Metric, ...]] = (
 CATALOGUE: Final[tuple[Metric, ...]] = (
     PROMPT_TPS, GENERATION_TPS, TTFT,
     PROMPT_TOKENS, PROMPT_SECONDS, GENERATED_TOKENS, GENERATION_SECONDS, PROBE_ENERGY,
+    PROMPT_BASELINE, PROMPT_BASELINE_SPREAD, PROMPT_RECENT,
+    GENERATION_BASELINE, GENERATION_BASELINE_SPREAD, GENERATION_RECENT,
+    BASELINE_ROUNDS, BASELINE_HISTORY, CONFIRMATIONS, STORAGE_ERRORS,
     PROBE_SUCCESS, PROBE_DURATION, PROBE_LAST_SUCCESS,
     PROBES, PROBE_FAILURES, PROBES_DISCARDED, PROBES_SKIPPED,
     DUTY_RATIO, DUTY_BUDGET, PROBE_INTERVAL,

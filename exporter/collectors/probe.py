@@ -9,6 +9,8 @@ from prometheus_client.core import Metric as Family
 from exporter.collectors import catalogue as m
 from exporter.probe.results import DISCARD_REASONS, FAILURE_REASONS, KINDS, SKIP_REASONS
 from exporter.schedule.plan import Schedule
+from exporter.state.baseline import CONFIRMATION_REASONS
+from exporter.state.storage import STORAGE_OPERATIONS
 from exporter.state.store import TargetState
 
 
@@ -18,6 +20,7 @@ class ProbeCollector:
 
     def collect(self, targets: Sequence[TargetState]) -> Iterable[Family]:
         yield from self._speeds(targets)
+        yield from self._bands(targets)
         yield from self._outcomes(targets)
 
     @staticmethod
@@ -52,6 +55,31 @@ class ProbeCollector:
                     energy.add_metric([*labels, kind], joules)
         yield from (*fams.values(), energy)
 
+    @staticmethod
+    def _bands(targets: Sequence[TargetState]) -> Iterable[Family]:
+        by_kind = {
+            "prompt": (m.PROMPT_BASELINE, m.PROMPT_BASELINE_SPREAD, m.PROMPT_RECENT),
+            "generation": (
+                m.GENERATION_BASELINE, m.GENERATION_BASELINE_SPREAD, m.GENERATION_RECENT,
+            ),
+        }  # fmt: skip
+        fams = {metric: metric.family() for group in by_kind.values() for metric in group}
+        rounds, history = m.BASELINE_ROUNDS.family(), m.BASELINE_HISTORY.family()
+        for t, view in ((target, v) for target in targets for v in target.views()):
+            if view.server is None:
+                continue
+            for depth, s in sorted(view.series.items()):
+                labels = [t.name, view.server.model, str(view.server.ctx), str(depth)]
+                for kind, band in sorted(s.bands.items()):
+                    baseline, spread, recent = by_kind[kind]
+                    fams[recent].add_metric(labels, band.recent)
+                    if band.median is not None and band.spread is not None:
+                        fams[baseline].add_metric(labels, band.median)
+                        fams[spread].add_metric(labels, band.spread)
+                    rounds.add_metric([*labels, kind], band.rounds)
+                    history.add_metric([*labels, kind], band.history_seconds)
+        yield from (*fams.values(), rounds, history)
+
     def _outcomes(self, targets: Sequence[TargetState]) -> Iterable[Family]:
         success, duration, last_ok = (
             m.PROBE_SUCCESS.family(), m.PROBE_DURATION.family(), m.PROBE_LAST_SUCCESS.family(),
@@ -63,6 +91,7 @@ class ProbeCollector:
             m.PROBES_SKIPPED.family(), m.DUTY_RATIO.family(),
             m.DUTY_BUDGET.family(), m.PROBE_INTERVAL.family(),
         )  # fmt: skip
+        confirmations, storage = m.CONFIRMATIONS.family(), m.STORAGE_ERRORS.family()
         for t in targets:
             for kind in KINDS:
                 k = t.kinds[kind]
@@ -81,9 +110,13 @@ class ProbeCollector:
                     discarded.add_metric([*labels, reason], k.discards[reason])
             for reason in SKIP_REASONS:
                 skipped.add_metric([t.name, reason], t.skips[reason])
+            for reason in CONFIRMATION_REASONS:
+                confirmations.add_metric([t.name, reason], t.confirmations[reason])
+            for operation in STORAGE_OPERATIONS:
+                storage.add_metric([t.name, operation], t.storage_errors[operation])
             duty.add_metric([t.name], t.duty_ratio)
             schedule = self._schedules[t.name]
             budget.add_metric([t.name], schedule.duty_budget)
             interval.add_metric([t.name], schedule.interval)
         yield from (success, duration, last_ok, probes, failures, discarded)
-        yield from (skipped, duty, budget, interval)
+        yield from (skipped, duty, budget, interval, confirmations, storage)

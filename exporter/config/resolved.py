@@ -74,6 +74,7 @@ class Config:
     log_level: str
     gpu: bool = True
     web_config_file: Path | None = None
+    storage_path: Path | None = None  # the bands' state file's directory
 
 
 def config_to_json(config: Config) -> str:
@@ -88,6 +89,7 @@ def config_to_json(config: Config) -> str:
             "log_level": config.log_level,
             "gpu": config.gpu,
             "web_config_file": _path_text(config.web_config_file),
+            "storage_path": _path_text(config.storage_path),
         }
     )
 
@@ -102,6 +104,7 @@ def config_from_json(text: str | bytes) -> Config:
         log_level=data["log_level"],
         gpu=data["gpu"],
         web_config_file=_path(data["web_config_file"]),
+        storage_path=_path(data["storage_path"]),
     )
 
 

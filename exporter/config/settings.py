@@ -150,6 +150,16 @@ class WebFields(_Strict):
     )
 
 
+class StorageFields(_Strict):
+    # Optional: without it the bands rebuild from the first rounds after each start, and the
+    # regression alerts stay unarmed until they have (docs/alerting.md).
+    path: Path | None = Field(
+        None,
+        description="directory for the state file that keeps each series' band over restarts",
+        json_schema_extra={"metavar": "DIR"},
+    )
+
+
 class LogFields(_Strict):
     format: Literal["json", "console"] = Field("console", description="json or console")
     level: Literal["debug", "info", "warning", "error"] = Field(
@@ -230,6 +240,7 @@ class Settings(BaseSettings):
     probe: ProbeFields = Field(default_factory=ProbeFields)
     collector: CollectorFields = CollectorFields()
     log: LogFields = LogFields()
+    storage: StorageFields = StorageFields()
 
     @classmethod
     def settings_customise_sources(
@@ -394,7 +405,15 @@ def resolve(settings: Settings) -> Config:
         log_level=settings.log.level,
         gpu=settings.collector.gpu,
         web_config_file=settings.web.config_file,
+        storage_path=_check_storage_path(settings.storage.path),
     )
+
+
+def _check_storage_path(path: Path | None) -> Path | None:
+    """The state directory must exist: a typo should stop the start, not lose every band."""
+    if path is not None and not path.is_dir():
+        raise ConfigError("storage.path", f"{path} is not a directory")
+    return path
 
 
 def _model_rules(t: TargetFields, layers: list[BaseModel], key: str) -> ModelRules:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from exporter.frozen import Frozen
 from exporter.kv.cache import (
     KvCacheError,
     KvCapacity,
@@ -50,7 +51,7 @@ class KvOverrides:
 
 
 @dataclass(frozen=True)
-class ModelFacts:
+class ModelFacts(Frozen):
     """The KV cache and weight traffic of one served model; capacity needs the cache layout."""
 
     type_k: str

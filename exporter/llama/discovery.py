@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
+from exporter.frozen import Frozen
 from exporter.llama.client import BAD_RESPONSE, ServerApi, ServerError
 from exporter.llama.untrusted import MAX_SLOTS, MAX_TOKENS, bounded_int, clean_text
 
@@ -15,7 +16,7 @@ _MAX_PATH_CHARS = 4096
 
 
 @dataclass(frozen=True)
-class ServerInfo:
+class ServerInfo(Frozen):
     model: str  # the label: the alias, or the file's stem when the alias is a path
     model_path: str
     ctx: int  # per-slot context (llama-server's n_ctx_slot)

@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from exporter.frozen import Frozen
 from exporter.llama import client
 from exporter.llama.client import Timings
 from exporter.llama.discovery import ServerInfo
@@ -112,7 +113,7 @@ class CanaryOutcome:
 
 
 @dataclass(frozen=True)
-class RoundResult:
+class RoundResult(Frozen):
     target: str
     started_at: float  # unix time
     duration: float
@@ -124,6 +125,9 @@ class RoundResult:
     canary: CanaryOutcome | None = None  # None where the round sent no canary
     # The model's name behind a router or llama-swap; None for a single server.
     model: str | None = None
+    # Set on a confirmation round: why it ran (`exporter.state.baseline`); None on a
+    # scheduled one.
+    confirmation: str | None = None
 
     @property
     def samples(self) -> tuple[Sample, ...]:

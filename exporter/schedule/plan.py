@@ -16,6 +16,7 @@ MIN_DUTY_WINDOW_SECONDS = 3600.0
 MAX_INTERVAL_SECONDS = 7 * 86400.0
 MAX_JITTER_SECONDS = 86400.0
 MAX_DISCOVERY_INTERVAL_SECONDS = 86400.0
+MAX_CONFIRMATIONS = 5
 
 
 class Schedule(BaseModel):
@@ -49,6 +50,26 @@ class Schedule(BaseModel):
         description="seconds between /props reads (at most 86400)",
     )
     duty_budget: float = Field(0.02, gt=0, le=1, description="max share of wall time for probes")
+    # Two confirmations: a change must hold for three rounds in a row before a series
+    # settles on it, which a one-off slow round (a page-in, a thermal blip) never does.
+    confirmations: int = Field(
+        2,
+        ge=0,
+        le=MAX_CONFIRMATIONS,
+        description="rounds run soon after one outside its series' usual band (0: none; at most 5)",
+    )
+    confirmation_delay: float = Field(
+        90.0,
+        gt=0,
+        le=MAX_INTERVAL_SECONDS,
+        allow_inf_nan=False,
+        description="seconds from a round to its confirmation round",
+    )
+
+    @property
+    def confirmation_rounds(self) -> int:
+        """Confirmations that run: none where the next scheduled round comes as soon."""
+        return self.confirmations if self.confirmation_delay < self.interval else 0
 
     @property
     def duty_window(self) -> float:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from exporter.kv.facts import ModelFacts
 from exporter.llama.discovery import ServerInfo
 from exporter.probe.results import KINDS, Kind, RoundResult, round_figures
+from exporter.state.baseline import BandFigures, Baselines, SeriesKey
 from exporter.state.canary import CanaryState
 
 
@@ -47,6 +48,7 @@ class SeriesState:
     generated_tokens: float = 0.0
     generation_seconds: float = 0.0
     energy_joules: dict[str, float] = field(default_factory=dict)  # by probe kind
+    bands: dict[Kind, BandFigures] = field(default_factory=dict)  # `exporter.state.baseline`
 
 
 @dataclass
@@ -80,6 +82,8 @@ class TargetState:
     tokens_held: int | None = None  # in all slots, from /slots
     canary: CanaryState = field(default_factory=CanaryState)  # for the server's identity
     canary_failures: Counter[str] = field(default_factory=Counter)
+    confirmations: Counter[str] = field(default_factory=Counter)  # rounds run, by reason
+    storage_errors: Counter[str] = field(default_factory=Counter)  # state file, by operation
     kind: str | None = None  # single, router or llama-swap; None until found
     listed: dict[str, bool] = field(default_factory=dict)  # every watched model: loaded?
     models: dict[str, ModelState] = field(default_factory=dict)  # the loaded ones, by name
@@ -100,10 +104,28 @@ class TargetState:
         ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What a recorded round asks of the daemon."""
+
+    canary_replaced: str | None = None  # the fingerprint a confirmed output change replaced
+    confirm: str | None = None  # the reason a confirmation round should follow
+
+
 class Store:
-    def __init__(self, targets: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, targets: list[tuple[str, str]], confirmations: dict[str, int] | None = None
+    ) -> None:
+        """`confirmations`: per target, how many confirmation rounds settle a new verdict
+        (0 or absent: none run, and each round's verdict stands)."""
         self._lock = threading.Lock()
         self._targets = {name: TargetState(name, url) for name, url in targets}
+        self._confirmations = confirmations or {}
+        self.baselines = Baselines()  # guarded by the lock too; see `locked`
+
+    def locked(self) -> threading.Lock:
+        """The lock, for the state file's reads and writes of `baselines`."""
+        return self._lock
 
     def snapshot(self) -> list[TargetState]:
         with self._lock:
@@ -111,7 +133,9 @@ class Store:
 
     def record_discovery(self, target: str, server: ServerInfo | None, error: str | None) -> None:
         with self._lock:
-            self._apply_discovery(self._targets[target], server, error)
+            state = self._targets[target]
+            self._apply_discovery(state, server, error)
+            self._show_bands(target, state)
 
     def record_model(
         self, target: str, facts: ModelFacts | None, error: str | None, tokens_held: int | None
@@ -160,7 +184,9 @@ class Store:
         with self._lock:
             state = self._targets[target]
             if state.listed.get(model):  # not one that unloaded meanwhile
-                self._apply_discovery(state.models.setdefault(model, ModelState()), server, error)
+                served = state.models.setdefault(model, ModelState())
+                self._apply_discovery(served, server, error)
+                self._show_bands(target, served)
 
     def record_model_facts(
         self,
@@ -186,9 +212,11 @@ class Store:
             if held is not None:
                 held.tokens_held = tokens
 
-    def record_round(self, result: RoundResult) -> str | None:
-        """Returns the canary fingerprint this round's output replaced, if it confirmed a
-        change."""
+    def record_storage_error(self, target: str, operation: str) -> None:
+        with self._lock:
+            self._targets[target].storage_errors[operation] += 1
+
+    def record_round(self, result: RoundResult) -> Recorded:
         with self._lock:
             state = self._targets[result.target]
             served: TargetState | ModelState = state
@@ -203,6 +231,8 @@ class Store:
             served.last_round = result
             for reason in result.skips:
                 state.skips[reason] += 1
+            if result.confirmation is not None and result.outcomes:  # one that ran
+                state.confirmations[result.confirmation] += 1
             for kind, outcome in result.outcomes.items():
                 ks = state.kinds[kind]
                 ks.attempts += 1
@@ -216,8 +246,8 @@ class Store:
                     ks.success = True
                     ks.last_success_time = result.started_at + result.duration
                 # A round whose only sample was discarded says nothing about success.
-            self._apply_samples(served, result)
-            return self._apply_canary(state, served, result)
+            confirm = self._apply_samples(served, result)
+            return Recorded(self._apply_canary(state, served, result), confirm)
 
     @staticmethod
     def _apply_canary(
@@ -249,13 +279,34 @@ class Store:
             state.canary = CanaryState()
         state.server = server
 
-    @staticmethod
-    def _apply_samples(state: TargetState | ModelState, result: RoundResult) -> None:
-        for (depth, kind), f in round_figures(result.samples).items():
+    def _show_bands(self, target: str, state: TargetState | ModelState) -> None:
+        """Show the bands the state file restored for the served file before its first round
+        here; a series that has had a round already shows its own."""
+        server = state.server
+        if server is None:
+            return
+        bands = self.baselines.of_file(target, server.model, server.ctx, _file(server))
+        for (depth, kind), figures in bands.items():
+            state.series.setdefault(depth, SeriesState()).bands.setdefault(kind, figures)
+
+    def _apply_samples(self, state: TargetState | ModelState, result: RoundResult) -> str | None:
+        """Add the round's figures; returns why a confirmation round should follow, if one
+        should (the first reason of its series, in depth and kind order)."""
+        confirm = None
+        server = state.server
+        for (depth, kind), f in sorted(round_figures(result.samples).items()):
             tps = f.tokens_per_second
             if tps is None:
                 continue
             series = state.series.setdefault(depth, SeriesState())
+            if server is not None:
+                key = SeriesKey(result.target, server.model, server.ctx, depth, kind)
+                series.bands[kind], reason = self.baselines.record(
+                    key, _file(server), result.started_at, tps,
+                    confirmation=result.confirmation is not None,
+                    needed=self._confirmations.get(result.target, 0),
+                )  # fmt: skip
+                confirm = confirm or reason
             if kind == "prompt":
                 series.prompt_tokens += f.tokens
                 series.prompt_seconds += f.seconds
@@ -268,3 +319,10 @@ class Store:
                 series.generation_tokens_per_second = tps
             if f.energy_joules is not None:
                 series.energy_joules[kind] = series.energy_joules.get(kind, 0.0) + f.energy_joules
+        return confirm
+
+
+def _file(server: ServerInfo) -> str:
+    """The served file's identity for its bands: another path or quant under the same model
+    name is another file, with another speed."""
+    return f"{server.model_path}|{server.quant}"

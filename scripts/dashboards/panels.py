@@ -83,6 +83,16 @@ def dashed(*more: model.DynamicConfigValue) -> list[model.DynamicConfigValue]:
     ]
 
 
+def dotted(*more: model.DynamicConfigValue) -> list[model.DynamicConfigValue]:
+    """A limit drawn under or over a reference line (a threshold under a baseline): dots, so
+    that it does not read as a second reference."""
+    return [
+        prop("custom.lineStyle", LineStyle(fill="dot", dash=[0, 10])),
+        prop("custom.lineWidth", 2),
+        *more,
+    ]
+
+
 def round_points() -> list[model.DynamicConfigValue]:
     """One probe round is one sample: a step with its point, not a slope between rounds."""
     return [

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from grafana_foundation_sdk.builders.dashboard import Dashboard, Row
 from grafana_foundation_sdk.builders.stat import Panel as Stat
+from grafana_foundation_sdk.builders.table import Panel as Table
 from grafana_foundation_sdk.builders.timeseries import Panel as TimeSeries
 from grafana_foundation_sdk.models import dashboard as model
-from grafana_foundation_sdk.models.common import LineInterpolation
+from grafana_foundation_sdk.models.common import (
+    LineInterpolation,
+    TableCellBackgroundDisplayMode,
+    TableColoredBackgroundCellOptions,
+)
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from .panels import (
@@ -16,6 +21,7 @@ from .panels import (
     bar_gauge,
     dashed,
     data_table,
+    dotted,
     organize,
     prop,
     round_points,
@@ -38,12 +44,27 @@ from .queries import (
     matchers,
     series,
 )
+from .settings import (
+    CRITICAL_SHARE,
+    MIN_BAND_ROUNDS,
+    MIN_HISTORY_HOURS,
+    SPREAD_MULTIPLE,
+    WARNING_SHARE,
+    min_history_hours,
+    setting,
+    threshold,
+)
 from .shell import board
 
 UID = "llama-speed-speed"
-NO_BASELINE = "no baseline: needs the llama-speed recording rules and an hour of valid probes"
+NO_BASELINE = (
+    f"no baseline yet: the exporter gives a series one from its {MIN_BAND_ROUNDS}th valid round"
+    " on (see Regression alerting)"
+)
 BY_PROBE = "{{target}} {{probe}}"
+BY_SERIES = "instance, target, model, ctx, depth, probe"
 TTFT = "llama_speed_time_to_first_token_seconds"
+RED = prop("color", model.FieldColor(mode=model.FieldColorModeId.FIXED, fixed_color="red"))
 
 
 def rule(kind: str, window: str) -> str:
@@ -51,23 +72,36 @@ def rule(kind: str, window: str) -> str:
     return f"target_model_ctx_depth:llama_speed_{kind}_tokens_per_second:{window}{RULE}"
 
 
+def exported(kind: str, figure: str) -> str:
+    """One of the exporter's per-series speed gauges: figure is "" (the latest round),
+    "recent_" (median of the last 3 rounds) or "baseline_" (the band's median)."""
+    return f"llama_speed_{kind}_{figure}tokens_per_second{SERVED}"
+
+
+def share(name: str) -> float:
+    """A regression share as the level a speed falls to: 0.10 is 90% of the baseline."""
+    return round(1 - setting(name), 6)
+
+
 def share_of_baseline(title: str, kind: str) -> Stat:
+    warning, critical = share(WARNING_SHARE), share(CRITICAL_SHARE)
     return (
         single_stat(
             title,
-            "Token-weighted speed over the last hour as a share of its trailing 7-day median."
-            " Red below 85%.",
+            "Median of the last 3 rounds (confirmation rounds included) as a share of the"
+            " exporter's baseline, the median of the series' last 3 days of rounds: the figure"
+            f" the regression alerts compare. Orange below {warning:.0%}, red below"
+            f" {critical:.0%}: the alerts' warning and critical shares ({WARNING_SHARE},"
+            f" {CRITICAL_SHARE}). A noisy series pages only further down, at"
+            f" {setting(SPREAD_MULTIPLE):g} of its spreads: the speed graphs below draw its own"
+            " warning line. An alert also needs the series armed (Regression alerting).",
         )
         .unit("percentunit")
         .decimals(1)
-        .thresholds(steps("red", ("orange", 0.85), ("green", 0.95)))
+        .thresholds(steps("red", ("orange", critical), ("green", warning)))
         .no_value(NO_BASELINE)
         .with_target(
-            instant(
-                f"{rule(kind, 'rate1h')}\n/ on(target, model, ctx, depth)\n"
-                f"{rule(kind, 'baseline7d')}",
-                BY_DEPTH,
-            )
+            instant(f"{exported(kind, 'recent_')}\n/ {exported(kind, 'baseline_')}", BY_DEPTH)
         )
         .span(6)
         .height(5)
@@ -78,10 +112,14 @@ def speed_curve(title: str, kind: str, tokens: str) -> TimeSeries:
     return (
         time_series(
             title,
-            f"{tokens} tokens per second of the last valid round (points), the token-weighted"
-            " speed over the last hour (recording rule rate1h) and its trailing 7-day median"
-            " (baseline7d, dashed). A drop of the 1h line below the dashed one is a regression:"
-            " a new build, driver, quant or a hot GPU.",
+            f"{tokens} tokens per second of the last valid round (points, confirmation rounds"
+            " included), the token-weighted speed over the last hour (recording rule rate1h),"
+            " the exporter's baseline (dashed: the median of the series' last 3 days of rounds)"
+            " and the warning threshold (dotted red: the baseline less the series' own"
+            f" threshold, {setting(WARNING_SHARE):.0%} or {setting(SPREAD_MULTIPLE):g} of its"
+            " spreads, whichever is larger). Rounds below the red line that their confirmation"
+            " rounds repeat page: a new build, driver, quant or a hot GPU. Baseline and"
+            f" threshold appear from the series' {MIN_BAND_ROUNDS}th valid round on.",
             SPEED_CALCS,
         )
         .unit("suffix: tok/s")
@@ -89,22 +127,139 @@ def speed_curve(title: str, kind: str, tokens: str) -> TimeSeries:
         .thresholds(steps("green"))
         .no_value(NO_PROBE)
         .override_by_regexp(".*last round$", round_points())
-        .override_by_regexp(".*7d baseline$", dashed())
-        .with_target(
-            series(f"llama_speed_{kind}_tokens_per_second{SERVED}", f"{BY_DEPTH} · last round", "A")
-        )
+        .override_by_regexp(".*baseline$", dashed())
+        .override_by_regexp(".*warning threshold$", dotted(RED))
+        .with_target(series(exported(kind, ""), f"{BY_DEPTH} · last round", "A"))
         .with_target(series(rule(kind, "rate1h"), f"{BY_DEPTH} · 1h", "B"))
-        .with_target(series(rule(kind, "baseline7d"), f"{BY_DEPTH} · 7d baseline", "C"))
+        .with_target(series(exported(kind, "baseline_"), f"{BY_DEPTH} · baseline", "C"))
+        .with_target(
+            series(
+                f"{exported(kind, 'baseline_')}\n* (1 - {threshold(kind)}{SERVED})",
+                f"{BY_DEPTH} · warning threshold",
+                "D",
+            )
+        )
         .span(12)
         .height(10)
+    )
+
+
+def arming_states(hours: int) -> list[model.ValueMapping]:
+    """The words for the arming table's state figure: rounds short of a baseline (negative),
+    whole hours of band history while arming, and `hours` once armed."""
+    words = [
+        *((have - MIN_BAND_ROUNDS, f"no baseline: {have} of {MIN_BAND_ROUNDS} rounds", "blue")
+          for have in range(MIN_BAND_ROUNDS)),
+        *((have, f"arming: {have} h of {hours} h", "orange") for have in range(hours)),
+        (hours, "armed", "green"),
+    ]  # fmt: skip
+    return [
+        model.ValueMap(
+            options={
+                str(value): model.ValueMappingResult(text=text, color=color, index=i)
+                for i, (value, text, color) in enumerate(words)
+            }
+        )
+    ]
+
+
+def arming_table() -> Table:
+    hours = min_history_hours()
+    rounds = f"llama_speed_baseline_rounds{SERVED}"
+    history = f"llama_speed_baseline_history_seconds{SERVED}"
+    # One figure per series and kind that the mappings word: the whole hours of history its
+    # band spans once it has a baseline, up to the hours that arm it, or before that its
+    # rounds less the 12 it needs (negative). `or` keeps the second only where the first has
+    # no series.
+    state = (
+        f"max by ({BY_SERIES}) (\n"
+        f"  clamp_max(floor({history} / 3600), {hours}) and {rounds} >= {MIN_BAND_ROUNDS}\n"
+        f"  or {rounds} - {MIN_BAND_ROUNDS}\n"
+        ")"
+    )
+    table_query = PromQueryFormat.TABLE
+    return (
+        data_table(
+            "Regression alerting armed",
+            "Whether the regression alerts can fire for each series (target, model, ctx, depth)"
+            f" and kind. A series has a baseline from its {MIN_BAND_ROUNDS}th valid round on"
+            f" (about 4 hours at the default 1200 s interval), and the alerts arm once its band"
+            f" spans {hours} hours of rounds ({MIN_HISTORY_HOURS}). A new model, ctx, depth or"
+            " quant starts again from nothing, and so does every series after an exporter"
+            " restart without --storage.path; with it, the bands survive restarts. Band history"
+            " is the span from the band's oldest round to its newest (3 days at most).",
+        )
+        .unit("none")
+        .no_value("no band yet: no valid round for the selected targets")
+        .override_by_name(
+            "Regression alerts",
+            [
+                prop("mappings", arming_states(hours)),
+                prop(
+                    "custom.cellOptions",
+                    TableColoredBackgroundCellOptions(mode=TableCellBackgroundDisplayMode.BASIC),
+                ),
+            ],
+        )
+        .override_by_name("Band history", [prop("unit", "s"), prop("decimals", 1)])
+        .with_target(instant(state, ref="A", fmt=table_query))
+        .with_target(instant(f"max by ({BY_SERIES}) ({rounds})", ref="B", fmt=table_query))
+        .with_target(instant(f"max by ({BY_SERIES}) ({history})", ref="C", fmt=table_query))
+        .with_transformation(transformation("merge"))
+        .with_transformation(
+            organize(
+                [
+                    ("target", "Target"),
+                    ("model", "Model"),
+                    ("ctx", "Context"),
+                    ("depth", "Depth"),
+                    ("probe", "Kind"),
+                    ("Value #A", "Regression alerts"),
+                    ("Value #B", "Rounds"),
+                    ("Value #C", "Band history"),
+                    ("instance", "Exporter"),
+                ],
+                hidden=["Time"],
+            )
+        )
+        .span(16)
+        .height(8)
+    )
+
+
+def regression_alerting(built: Dashboard) -> Dashboard:
+    return (
+        built.with_row(Row("Regression alerting"))
+        .with_panel(arming_table())
+        .with_panel(
+            bar_gauge(
+                "Confirmation rounds by reason (time range)",
+                "Rounds run soon after one outside its series' band (90 s by default,"
+                " --probe.confirmation-delay), by why: below_band, above_band, or back_in_band"
+                " after a confirmed change. A below_band confirmation without an alert was a lone"
+                " slow round that the rounds after it did not repeat. 'none' when none ran.",
+            )
+            .unit("suffix: rounds")
+            .decimals(0)
+            .thresholds(steps("blue"))
+            .no_value("no confirmation counters for the selected targets")
+            .with_target(
+                instant(
+                    counted_by_reason("llama_speed_probe_confirmations_total", "target", TARGET),
+                    "{{target}} {{reason}}",
+                )
+            )
+            .span(8)
+            .height(8)
+        )
     )
 
 
 def now(built: Dashboard) -> Dashboard:
     return (
         built.with_row(Row("Now"))
-        .with_panel(share_of_baseline("PP: % of 7-day baseline", "prompt"))
-        .with_panel(share_of_baseline("TG: % of 7-day baseline", "generation"))
+        .with_panel(share_of_baseline("PP: % of baseline", "prompt"))
+        .with_panel(share_of_baseline("TG: % of baseline", "generation"))
         .with_panel(
             single_stat(
                 "TTFT: % of 7-day median",
@@ -196,8 +351,8 @@ def models(built: Dashboard) -> Dashboard:
             time_series(
                 "Models loaded over time",
                 "1 while a model is loaded, 0 while it is known but not loaded: its speed series"
-                " pause while it is not loaded, and a model that loads again starts with cold"
-                " rounds that the regression alerts leave out for an hour.",
+                " pause while it is not loaded. A slow first round after a model loads again"
+                " moves no regression alert unless its confirmation rounds repeat it.",
             )
             .unit("bool_yes_no")
             .min(0)
@@ -564,8 +719,16 @@ def dashboard() -> Dashboard:
     return board(
         UID,
         "Speed",
-        "PP, TG and time to first token per model, ctx and depth against their trailing"
-        " baselines, and the probes' own health.",
+        "PP, TG and time to first token per model, ctx and depth against their baselines,"
+        " whether the regression alerts are armed, and the probes' own health.",
         "now-24h",
-        (now, models, against_baseline, probe_health, output_canary, server_and_exporter),
+        (
+            now,
+            regression_alerting,
+            models,
+            against_baseline,
+            probe_health,
+            output_canary,
+            server_and_exporter,
+        ),
     )

@@ -13,7 +13,9 @@ itself (`alertsim.rule_eval`). 30 simulated days take a few minutes.
 The schedule is the daemon's: discovery every `discovery_interval` from the start, probe rounds
 by APScheduler's own IntervalTrigger with the configured jitter, one at a time, the first 1 to
 6 s after each start. The jitter comes from `random`, seeded with --seed, as is the server's
-noise, so that a run repeats exactly.
+noise, so that a run repeats exactly. `scheduled_round_starts` replays that schedule alone, in
+a moment, so that a trace can place a slow round on one scheduled round of a run
+(`alertsim.scenarios`); `simulate_alerts` runs both halves, as this command does.
 
 Output: with --json, `{"alerts": [...], "pending_only": [...], "rounds": N, "confirmations":
 N}`, each alert with its name, labels and the trace times (seconds from the trace's start) it
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -171,6 +174,27 @@ def _at(unix: float) -> datetime:
     return datetime.fromtimestamp(unix, UTC)
 
 
+def probe_job(
+    probe: Callable[[str], Coroutine[Any, Any, Any]],
+    target: Target,
+    *,
+    wall: Callable[[], float],
+    on_max_instances: Callable[[str], None] = lambda _: None,
+    on_failure: Callable[[BaseException], None] = lambda _: None,
+) -> IntervalJob:
+    """A target's probe job, as an exporter start schedules it. Its first round comes 1 to
+    6 s after the start, as Daemon.run spreads it: one draw of `random`, made here, before
+    any of the trigger's."""
+    schedule = target.schedule
+    first = FIRST_PROBE_DELAY_SECONDS + random.uniform(
+        0, min(schedule.jitter, FIRST_PROBE_SPREAD_SECONDS)
+    )
+    return IntervalJob(
+        probe, target.name, interval=schedule.interval, jitter=schedule.jitter,
+        first_delay=first, wall=wall, on_max_instances=on_max_instances, on_failure=on_failure,
+    )  # fmt: skip
+
+
 class Exporter:
     """The exporter process of the simulation: a Daemon and its two jobs; `stop` ends it."""
 
@@ -201,18 +225,13 @@ class Exporter:
             if not failed.done():
                 failed.set_exception(error)
 
-        # As Daemon.run spreads a target's first round after a start.
-        first = FIRST_PROBE_DELAY_SECONDS + random.uniform(
-            0, min(schedule.jitter, FIRST_PROBE_SPREAD_SECONDS)
-        )
         self._jobs = (
             IntervalJob(
                 self.daemon.discover, target.name, interval=schedule.discovery_interval,
                 jitter=0.0, first_delay=0.0, wall=clock.wall, on_failure=failing,
             ),
-            IntervalJob(
-                self.daemon.probe, target.name, interval=schedule.interval,
-                jitter=schedule.jitter, first_delay=first, wall=clock.wall,
+            probe_job(
+                self.daemon.probe, target, wall=clock.wall,
                 on_max_instances=self.daemon.skipped_in_progress, on_failure=failing,
             ),
         )  # fmt: skip
@@ -245,9 +264,15 @@ class Exporter:
             raise failures[0]
 
 
+def sim_target() -> Target:
+    """The one target, with the default plan and schedule, as the exporter runs out of the
+    box."""
+    return Target(TARGET_NAME, TARGET_URL, None, plan=MeasurePlan(), schedule=Schedule())
+
+
 def sim_config(workdir: Path, *, storage: bool) -> Config:
-    """One target with the default plan and schedule, as the exporter runs out of the box."""
-    target = Target(TARGET_NAME, TARGET_URL, None, plan=MeasurePlan(), schedule=Schedule())
+    """The exporter's configuration: `sim_target` alone."""
+    target = sim_target()
     state = workdir / "state" if storage else None
     if state is not None:
         state.mkdir(parents=True, exist_ok=True)
@@ -364,6 +389,80 @@ def run_simulation(trace: Trace, workdir: Path, options: SimOptions) -> SimResul
         return await Simulation(trace, workdir, options).run()
 
     return run_virtual(simulate())
+
+
+def scheduled_round_starts(trace: Trace, options: SimOptions) -> list[float]:
+    """The trace times at which a run of `trace` with `options` (`run_simulation`) starts its
+    scheduled rounds, confirmation rounds left out, without running the exporter, the server
+    or Prometheus: a fraction of a second for 30 days.
+
+    The schedule is replayed by the same code on the same clock: the probe job of each
+    exporter start (`probe_job`: the real IntervalTrigger in `IntervalJob`) with a job that
+    only notes the time, the same exporter restarts from the trace, and `random` seeded
+    alike, drawn in the same order: one draw per start for the first round's delay, then one
+    per fire time and one per next fire time, as the job makes them. Nothing else in a run
+    draws from `random` (the server's noise has a generator of its own, the discovery job no
+    jitter), so the times are the run's, to the rounding of a float. A round that an
+    exporter restart or the trace's end cuts short is listed here, though a run records
+    only the rounds that finish."""
+    random.seed(options.seed)
+    target = sim_target()
+    restarts = trace.events(EXPORTER_RESTART)
+    lives = zip(
+        (0.0, *(t + EXPORTER_DOWN_SECONDS for t in restarts)), (*restarts, trace.end), strict=True
+    )
+
+    async def replay() -> list[float]:
+        loop = running_virtual_loop()
+        start_unix = loop.wall()
+        starts: list[float] = []
+
+        async def note(_: str) -> None:
+            starts.append(loop.wall() - start_unix)
+
+        async def until(t: float) -> None:
+            await asyncio.sleep(max(0.0, t - (loop.wall() - start_unix)))
+
+        for begin, end in lives:
+            await until(begin)
+            job = probe_job(note, target, wall=loop.wall)
+            running = asyncio.create_task(job.run_forever())
+            await until(end)
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await job.stop()
+        return starts
+
+    return run_virtual(replay())
+
+
+def default_rules() -> tuple[Path, ...]:
+    """The shipped rule files, deploy/prometheus/rules/*.yml."""
+    return tuple(sorted(RULES.glob("*.yml")))
+
+
+def simulate_alerts(
+    trace: Trace,
+    workdir: Path,
+    options: SimOptions,
+    *,
+    eval_interval: int = EVAL_INTERVAL_SECONDS,
+) -> tuple[SimResult, list[AlertEpisode]]:
+    """Both halves: the simulation of `trace` (`run_simulation`), then the alert episodes of
+    the rule files over what it scraped (the shipped ones when `options.rules` is empty), by
+    the promtool and prometheus on the PATH. Raises PromtoolError, PrometheusError or OSError
+    when evaluating fails."""
+    if not options.rules:
+        options = dataclasses.replace(options, rules=default_rules())
+    sim = run_simulation(trace, workdir, options)
+    start = first_evaluation(sim, options.scrape_interval, eval_interval)
+    if start > sim.end_unix:  # a trace shorter than that has nothing to evaluate
+        return sim, []
+    episodes = evaluate_rules(
+        sim.openmetrics, options.rules, start=start, end=sim.end_unix,
+        eval_interval=eval_interval, workdir=workdir / "prometheus",
+    )  # fmt: skip
+    return sim, episodes
 
 
 # The command line.
@@ -489,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TraceError, OSError) as exc:
         print(f"alert_sim.py: {exc}", file=sys.stderr)
         return 2
-    rules = tuple(args.rules or sorted(RULES.glob("*.yml")))
+    rules = tuple(args.rules or default_rules())
     missing = [str(r) for r in rules if not r.is_file()]
     if missing or not rules:
         print(f"alert_sim.py: no such rule file: {', '.join(missing) or RULES}", file=sys.stderr)
@@ -504,14 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         log.info("simulating", trace=str(args.trace), days=round(trace.end / 86400, 2),
                  workdir=str(workdir))  # fmt: skip
-        sim = run_simulation(trace, workdir, options)
-        start = first_evaluation(sim, args.scrape_interval, args.eval_interval)
-        episodes: list[AlertEpisode] = []
-        if start <= sim.end_unix:  # a trace shorter than that has nothing to evaluate
-            episodes = evaluate_rules(
-                sim.openmetrics, rules, start=start, end=sim.end_unix,
-                eval_interval=args.eval_interval, workdir=workdir / "prometheus",
-            )  # fmt: skip
+        sim, episodes = simulate_alerts(trace, workdir, options, eval_interval=args.eval_interval)
         result = report(episodes, sim)
     except (PromtoolError, PrometheusError, OSError) as exc:
         log.error("rule_evaluation_failed", error=str(exc))

@@ -40,13 +40,14 @@ def running_daemon(
     targets: list[Target],
     transport_factory: Callable[[Target], httpx.AsyncBaseTransport | None] = lambda t: None,
     web_config_file: Path | None = None,
+    storage_path: Path | None = None,
     **kwargs: Any,
 ) -> Iterator[tuple[Daemon, str]]:
     # Without an NVML to talk to, tests run with the GPU collector off unless they bring one.
     gpu = "nvml" in kwargs
     config = Config(
         tuple(targets), "127.0.0.1:0", "/metrics", "console", "warning", gpu=gpu,
-        web_config_file=web_config_file,
+        web_config_file=web_config_file, storage_path=storage_path,
     )  # fmt: skip
     daemon = Daemon(config, transport_factory=transport_factory, first_probe_delay=0.1, **kwargs)
     errors: list[BaseException] = []

@@ -1,7 +1,7 @@
 """Each series' band, its verdicts and the confirmation state machine, with exact figures.
 
 Every value here is worked out by hand: the band is the median of the rounds and 1.4826 x
-their median absolute deviation, a round is out of band past max(3 spreads, 5% of the
+their median absolute deviation, a round is out of band past max(2 spreads, 5% of the
 median), and a series settles on a new verdict only once the confirmations agree.
 """
 
@@ -138,16 +138,16 @@ def test_a_quiet_series_is_judged_by_the_five_percent_floor() -> None:
     assert band.verdict(105.1) == "above"
 
 
-def test_a_noisy_series_is_judged_by_three_spreads() -> None:
-    # 90 and 110 six times each: median 100, every deviation 10, spread 14.826, and three
-    # spreads (44.478) are more than 5% of the median.
+def test_a_noisy_series_is_judged_by_two_spreads() -> None:
+    # 90 and 110 six times each: median 100, every deviation 10, spread 14.826, and two
+    # spreads (29.652) are more than 5% of the median.
     band = band_of([90.0, 110.0] * 6)
-    margin = 3 * 1.4826 * 10
+    margin = 2 * 1.4826 * 10
     assert band.verdict(100.0 - margin + 0.01) == "within"
     assert band.verdict(100.0 - margin - 0.01) == "below"
     assert band.verdict(100.0 + margin - 0.01) == "within"
     assert band.verdict(100.0 + margin + 0.01) == "above"
-    assert band.verdict(80.0) == "within"  # past 5%, within three spreads
+    assert band.verdict(80.0) == "within"  # past 5%, within two spreads
 
 
 def test_a_round_is_judged_against_the_rounds_before_it() -> None:

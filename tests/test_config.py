@@ -35,7 +35,7 @@ def test_defaults_probe_llama_servers_default_address() -> None:
     assert config.listen_address == DEFAULT_LISTEN_ADDRESS
     plan, schedule = config.targets[0].plan, config.targets[0].schedule
     assert (plan.prompt_tokens, plan.generation_tokens, plan.depths) == (512, 128, (0,))
-    assert schedule.duty_budget == 0.02
+    assert schedule.duty_budget == 0.03
 
 
 def test_flag_beats_env_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

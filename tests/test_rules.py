@@ -37,6 +37,7 @@ REGRESSION_SETTINGS = {
     "llama_speed:regression_threshold:ratio",
     "llama_speed:regression_critical_threshold:ratio",
     "llama_speed:regression_spread_multiple:ratio",
+    "llama_speed:regression_critical_spread_multiple:ratio",
     "llama_speed:regression_min_history:hours",
 }
 REGRESSION_THRESHOLDS = {

@@ -84,8 +84,10 @@ def run_tool(
         )
     except OSError as exc:
         raise ToolStartError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    log.info("quality_tool_started", pid=proc.pid, cmd=redacted(argv), log=str(log_path))
     try:
+        # Inside the try: an interrupt that lands right after this line (a test sends one on
+        # reading it) must still stop the tool.
+        log.info("quality_tool_started", pid=proc.pid, cmd=redacted(argv), log=str(log_path))
         with log_path.open("ab") as sink:
             output, stopped = _collect(proc, sink, started + timeout, max_output_bytes, clock)
     finally:

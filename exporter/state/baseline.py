@@ -39,10 +39,12 @@ MAX_BAND_ROUNDS: Final = 256  # bounds memory and the state file where rounds co
 MIN_BAND_ROUNDS: Final = 12
 RECENT_ROUNDS: Final = 3
 # Out of band: further from the median than this many spreads, or than this share of it,
-# whichever is larger. Tighter than any regression threshold the rules use, so that every
-# round that could start an alert is confirmed first; the share keeps a very quiet series
-# from confirming every small wobble.
-OUTSIDE_SPREADS: Final = 3.0
+# whichever is larger. Tighter than any regression threshold the rules use (3 spreads or 10%
+# at least), so that every round that could start an alert is confirmed first, and a drop
+# just past an alert's threshold is not taken for noise and refuted; the share keeps a very
+# quiet series from confirming every small wobble. On a noisy series one round in about 22
+# is confirmed for nothing, a round more in the budget.
+OUTSIDE_SPREADS: Final = 2.0
 OUTSIDE_SHARE: Final = 0.05
 MAD_TO_SIGMA: Final = 1.4826
 # Series of files not seen for the band's window are forgotten; past this many, the least

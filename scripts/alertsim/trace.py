@@ -28,9 +28,10 @@ Writing a trace in code (`TraceBuilder`), the usual shapes are:
   `expected_round_start` says: the first a few seconds after the exporter starts, then one
   every interval plus up to `jitter` seconds. APScheduler adds each jitter to the previous
   fire time, so the delays add up: the k-th round comes about k x (interval + jitter / 2)
-  seconds after the first, give or take about sqrt(k) x jitter / 3.5. Far into a trace, keep
-  the outlier's window wide enough for that spread, but under the confirmation delay, or
-  look the round up in a run with the same seed (the rounds' times are logged);
+  seconds after the first, give or take about sqrt(k) x jitter / 3.5. Far into a trace that
+  is minutes, wider than an outlier's window may be (it must end before the confirmation
+  round): take the round's exact time from `alert_sim.scheduled_round_starts`, which replays
+  the schedule of a run with the same seed in a moment (`alertsim.scenarios` does);
 * restarts: `.at(X, event="restart")`, `.at(X, event="exporter_restart")`.
 """
 
@@ -197,7 +198,8 @@ def _text(value: float) -> str:
 def expected_round_start(k: int, interval: float = 1200.0, jitter: float = 10.0) -> float:
     """About when the k-th scheduled round (k = 0 first) after an exporter start begins, in
     seconds from that start: the mean of the daemon's first delay and of k jittered intervals.
-    The actual time of a seeded run differs by up to a few times sqrt(k) x jitter / 3.5."""
+    The actual time of a seeded run differs by up to a few times sqrt(k) x jitter / 3.5;
+    `alert_sim.scheduled_round_starts` gives it exactly."""
     first = FIRST_PROBE_DELAY_SECONDS + min(jitter, FIRST_PROBE_SPREAD_SECONDS) / 2
     return first + k * (interval + jitter / 2)
 

@@ -16,6 +16,7 @@ ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
 WARNING_SHARE = "llama_speed:regression_threshold:ratio"
 CRITICAL_SHARE = "llama_speed:regression_critical_threshold:ratio"
 SPREAD_MULTIPLE = "llama_speed:regression_spread_multiple:ratio"
+CRITICAL_SPREAD_MULTIPLE = "llama_speed:regression_critical_spread_multiple:ratio"
 MIN_HISTORY_HOURS = "llama_speed:regression_min_history:hours"
 # The exporter's own minimum (exporter/state/baseline.py, MIN_BAND_ROUNDS): no rule holds it,
 # since the baseline gauges are simply absent below it.

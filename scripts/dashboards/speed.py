@@ -46,6 +46,7 @@ from .queries import (
 )
 from .settings import (
     CRITICAL_SHARE,
+    CRITICAL_SPREAD_MULTIPLE,
     MIN_BAND_ROUNDS,
     MIN_HISTORY_HOURS,
     SPREAD_MULTIPLE,
@@ -93,7 +94,8 @@ def share_of_baseline(title: str, kind: str) -> Stat:
             f" the regression alerts compare. Orange below {warning:.0%}, red below"
             f" {critical:.0%}: the alerts' warning and critical shares ({WARNING_SHARE},"
             f" {CRITICAL_SHARE}). A noisy series pages only further down, at"
-            f" {setting(SPREAD_MULTIPLE):g} of its spreads: the speed graphs below draw its own"
+            f" {setting(SPREAD_MULTIPLE):g} of its spreads (critical:"
+            f" {setting(CRITICAL_SPREAD_MULTIPLE):g}): the speed graphs below draw its own"
             " warning line. An alert also needs the series armed (Regression alerting).",
         )
         .unit("percentunit")

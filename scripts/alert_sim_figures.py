@@ -25,7 +25,7 @@ import json
 import multiprocessing
 import shlex
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -86,11 +86,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_all(
-    names: Sequence[str], seeds: Sequence[int], *, jobs: int, workdir: Path | None = None
+    names: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    jobs: int,
+    workdir: Path | None = None,
+    on_outcome: Callable[[list[Outcome]], None] = lambda _: None,
 ) -> list[Outcome]:
     """Every scenario of `names` with every seed of `seeds`, in `jobs` fresh processes (each
     simulation seeds the `random` of its own process), longest first; in scenario and seed
-    order."""
+    order. `on_outcome` gets the outcomes so far after each run."""
     context = multiprocessing.get_context("spawn")  # no fork of a process that has threads
     outcomes: list[Outcome] = []
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=quiet_worker) as pool:
@@ -109,6 +114,7 @@ def run_all(
                 real_s=round(outcome.real_seconds, 1), problems=list(outcome.problems),
                 left=len(runs) - len(outcomes),
             )  # fmt: skip
+            on_outcome(outcomes)
     order = {name: i for i, name in enumerate(names)}
     return sorted(outcomes, key=lambda o: (order[o.scenario], o.seed))
 
@@ -202,6 +208,10 @@ def table(outcomes: Sequence[Outcome], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _json_text(outcomes: Sequence[Outcome]) -> str:
+    return json.dumps([_as_json(o) for o in outcomes], indent=2)
+
+
 def _as_json(outcome: Outcome) -> dict[str, Any]:
     data = dataclasses.asdict(outcome)
     data.pop("round_starts")  # thousands of numbers, and in the run's files anyway
@@ -218,15 +228,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "running", scenarios=names, seeds=f"{seeds[0]}-{seeds[-1]}", jobs=args.jobs,
         long=[n for n in names if n in LONG_SCENARIOS],
     )  # fmt: skip
-    outcomes = run_all(names, seeds, jobs=args.jobs, workdir=args.workdir)
+
+    def save(outcomes: list[Outcome]) -> None:
+        # After every run, so that a run of hours stopped half-way keeps what it found.
+        if args.json_file is not None:
+            args.json_file.write_text(_json_text(outcomes) + "\n", encoding="utf-8")
+
+    outcomes = run_all(names, seeds, jobs=args.jobs, workdir=args.workdir, on_outcome=save)
+    save(outcomes)
     command = shlex.join(
         [".venv/bin/python", "scripts/alert_sim_figures.py", *(argv or sys.argv[1:])]
     )
-    as_json = json.dumps([_as_json(o) for o in outcomes], indent=2)
-    if args.json_file is not None:
-        args.json_file.write_text(as_json + "\n", encoding="utf-8")
     if args.json:
-        print(as_json)
+        print(_json_text(outcomes))
     else:
         sys.stdout.write(table(outcomes, command))
     return 1 if any(o.problems for o in outcomes) else 0

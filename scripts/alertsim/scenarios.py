@@ -411,6 +411,24 @@ def _matches(episode: Episode, alert: str, severity: str | None) -> bool:
     return episode.name == alert and severity in (None, episode.severity)
 
 
+# A round that starts this close before an exporter restart or the trace's end may be cut
+# short (a round takes 13-25 s), and a run records only the rounds that finish.
+CUT_SHORT_SECONDS: Final = MINUTE
+
+
+def off_schedule(trace: Trace, preview: Sequence[float], ran: Sequence[float]) -> list[float]:
+    """The rounds in which a run's scheduled round starts (`ran`) and its seed's schedule
+    (`preview`, from `scheduled_round_starts`) disagree: rounds the run has and the schedule
+    not, and rounds the schedule has and the run not, other than one an exporter restart or
+    the end may have cut short. Empty for a run that followed its seed's schedule."""
+    planned, done = set(preview), set(ran)
+    cuts = (*trace.events(EXPORTER_RESTART), trace.end)
+    missing = [
+        t for t in planned - done if not any(0 <= cut - t < CUT_SHORT_SECONDS for cut in cuts)
+    ]
+    return sorted([*(done - planned), *missing])
+
+
 def assess(
     scenario: Scenario,
     seed: int,
@@ -418,10 +436,12 @@ def assess(
     sim: SimResult,
     episodes: Sequence[AlertEpisode],
     *,
+    preview: Sequence[float] | None = None,
     real_seconds: float = 0.0,
 ) -> Outcome:
     """The verdict on one run of `scenario`: the figures, and `problems`, one line per
-    expectation it missed (none: it met them all)."""
+    expectation it missed (none: it met them all). With `preview` (the seed's schedule), a
+    run that did not follow it is a problem too: its figures are not the seed's."""
     expected = scenario.expected
     all_episodes = [Episode.of(e, sim.start_unix) for e in episodes]
     fired = tuple(e for e in all_episodes if e.fired_at is not None)
@@ -429,6 +449,8 @@ def assess(
     change_round = first_round_at_or_after(starts, expected.change_at)
     recovery_round = first_round_at_or_after(starts, expected.recovery_at)
     problems: list[str] = []
+    if preview is not None and (strays := off_schedule(built.trace, preview, starts)):
+        problems.append(f"the run left its seed's schedule at {strays[0]:.3f} s")
 
     def expected_alert(e: Episode) -> bool:
         after_change = change_round is not None and (e.fired_at or 0) >= change_round
@@ -496,12 +518,17 @@ def run_scenario(name: str, seed: int, workdir: Path | None = None) -> Outcome:
     built = scenario.build(seed)
     made = workdir is None
     work = Path(tempfile.mkdtemp(prefix=f"alert-sim-{name}-")) if workdir is None else workdir
+    options = scenario.options(seed)
     try:
-        sim, episodes = simulate_alerts(built.trace, work, scenario.options(seed))
+        sim, episodes = simulate_alerts(built.trace, work, options)
     finally:
         if made:
             shutil.rmtree(work, ignore_errors=True)
-    return assess(scenario, seed, built, sim, episodes, real_seconds=time.perf_counter() - began)
+    return assess(
+        scenario, seed, built, sim, episodes,
+        preview=scheduled_round_starts(built.trace, options),
+        real_seconds=time.perf_counter() - began,
+    )  # fmt: skip
 
 
 def quiet_worker() -> None:

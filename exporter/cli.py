@@ -246,9 +246,9 @@ def resolved_view(config: Config) -> dict[str, Any]:
                 "name": t.name,
                 "url": redacted_text(t.url),
                 "api_key": "set" if t.api_key is not None else None,
-                "plan": t.plan.model_dump(mode="json"),
-                "schedule": t.schedule.model_dump(mode="json"),
-                "limits": t.limits.model_dump(mode="json"),
+                "plan": t.plan.as_json(),
+                "schedule": t.schedule.as_json(),
+                "limits": t.limits.as_json(),
                 **({"proxy": redacted_text(t.proxy)} if t.proxy else {}),
                 **({"pid_file": str(t.pid_file)} if t.pid_file else {}),
                 **({"process_name": t.process_name} if t.process_name else {}),
@@ -273,7 +273,7 @@ def _model_rules_json(t: Target) -> dict[str, Any]:
         "include": list(rules.include),
         "exclude": list(rules.exclude),
         "model_probe": {
-            p.glob: p.plan.model_dump(mode="json") if p.plan is not None else {"enabled": False}
+            p.glob: p.plan.as_json() if p.plan is not None else {"enabled": False}
             for p in rules.plans
         },
     }

@@ -30,9 +30,7 @@ def fast_target(name: str, url: str, api_key: Any = None, **changes: Any) -> Tar
         "duty_budget": 1.0,
         **changes,
     }
-    plan = MeasurePlan(**{k: v for k, v in values.items() if k in MeasurePlan.model_fields})
-    schedule = Schedule(**{k: v for k, v in values.items() if k in Schedule.model_fields})
-    return Target(name, url, api_key, plan=plan, schedule=schedule)
+    return Target(name, url, api_key, plan=MeasurePlan.pick(values), schedule=Schedule.pick(values))
 
 
 @contextmanager

@@ -265,12 +265,14 @@ def test_the_daemon_runs_in_its_own_process_without_the_settings_layer(tmp_path:
     assert "handed-over-secret" not in err
 
 
-def test_the_daemon_s_modules_do_not_need_pydantic_settings() -> None:
+def test_the_daemon_s_modules_need_neither_pydantic_nor_the_settings_layer() -> None:
+    """Without a web config file: pydantic and yaml come with one (exporter.web.webconfig),
+    bcrypt with its basic auth users."""
     probe = (
         "import sys, exporter.serve; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('pydantic_settings', 'yaml') or m in ('exporter.config.settings', "
-        "'exporter.config.flags', 'exporter.cli')))"
+        "('pydantic', 'pydantic_core', 'pydantic_settings', 'yaml', 'bcrypt') or m in "
+        "('exporter.config.settings', 'exporter.config.flags', 'exporter.cli')))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True

@@ -21,7 +21,7 @@ from exporter.schedule.plan import Schedule
 def test_every_plan_and_schedule_field_has_one_flag_in_the_prometheus_style() -> None:
     flags = {s.flag: s for s in SETTINGS}
     for model in (Schedule, MeasurePlan):
-        for name in model.model_fields:
+        for name in model.field_names():
             setting = flags[f"--probe.{name.replace('_', '-')}"]
             assert setting.path == ("probe", name)
             assert setting.env == f"LLAMA_SPEED_PROBE_{name.upper()}"

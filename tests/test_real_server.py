@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from pydantic import SecretStr
 
 from exporter.collectors import exporter_collectors
 from exporter.llama.client import LlamaClient
+from exporter.llama.secret import Secret
 from exporter.llama.server_process import free_port
 from exporter.probe.plan import MeasurePlan
 from exporter.probe.results import RoundResult
@@ -82,7 +82,7 @@ async def probe_round(
     api_key: str | None = None,
     rounds: int = 1,
 ) -> list[RoundResult]:
-    key = SecretStr(api_key) if api_key else None
+    key = Secret(api_key) if api_key else None
     client = LlamaClient(url, key, timeout=p.timeout, transport=transport)
     runner = ProbeRunner("t", client, p, overlap_poll_interval=0.1)
     try:

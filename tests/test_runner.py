@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from exporter.llama.client import LlamaClient
+from exporter.llama.secret import Secret
 from exporter.probe.plan import MeasurePlan
 from exporter.probe.results import RoundResult
 from exporter.probe.runner import ProbeRunner
@@ -310,7 +310,7 @@ def test_api_key_is_sent_as_bearer() -> None:
     fake = FakeLlama(api_key="sekrit")
 
     async def go() -> RoundResult:
-        client = LlamaClient("http://llama", SecretStr("sekrit"), transport=fake.transport())
+        client = LlamaClient("http://llama", Secret("sekrit"), transport=fake.transport())
         try:
             return await ProbeRunner("t", client, plan()).run_round()
         finally:

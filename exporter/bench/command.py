@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Final
 
 import structlog
-from pydantic import SecretStr, ValidationError
 
 from exporter import log
 from exporter.bench.chart import ChartUnavailableError, write_chart
@@ -31,8 +30,10 @@ from exporter.bench.record import BenchFileError, BenchRecord, PlanRecord, load
 from exporter.bench.report import render_report, summary_table
 from exporter.bench.sweep import Bench, BenchSettings, probe_plans
 from exporter.bench.target import RefusedError, choose_at
+from exporter.declared import SettingError
 from exporter.gpu.nvml import Nvml
 from exporter.llama.client import ServerError
+from exporter.llama.secret import Secret
 from exporter.probe.plan import MeasurePlan
 from exporter.safe_argparse import SafeArgumentParser
 
@@ -48,7 +49,7 @@ CHART_PNG: Final = "chart.png"
 logger = structlog.get_logger("bench")
 # The daemon's declaration of each probe setting; bench takes its defaults from there, except
 # the repetitions, which default to llama-bench's 5.
-_PLAN_FIELDS = MeasurePlan.model_fields
+_PLAN_DEFAULTS: Final = MeasurePlan()
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "-p",
         "--prompt-tokens",
         type=int_list(1),
-        default=(_PLAN_FIELDS["prompt_tokens"].default,),
+        default=(_PLAN_DEFAULTS.prompt_tokens,),
         metavar="LIST",
         help="PP sizes (default 512)",
     )
@@ -93,7 +94,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "-n",
         "--generation-tokens",
         type=int_list(2),
-        default=(_PLAN_FIELDS["generation_tokens"].default,),
+        default=(_PLAN_DEFAULTS.generation_tokens,),
         metavar="LIST",
         help="TG sizes (default 128)",
     )
@@ -101,7 +102,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "-d",
         "--depths",
         type=int_list(0),
-        default=_PLAN_FIELDS["depths"].default,
+        default=_PLAN_DEFAULTS.depths,
         metavar="LIST",
         help="tokens already in context, e.g. 0,4096,16384 (default 0)",
     )
@@ -217,7 +218,7 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         command.program()  # a typo fails now, not once per context
     api_key = None
     if args.api_key_file is not None:
-        api_key = SecretStr(args.api_key_file.read_text(encoding="utf-8").strip())
+        api_key = Secret(args.api_key_file.read_text(encoding="utf-8").strip())
     out = args.out or Path(f"bench-{datetime.now(UTC):%Y%m%d-%H%M%S}")
     plan = PlanRecord(
         prompt_tokens=args.prompt_tokens,
@@ -272,10 +273,9 @@ def _check_plans(settings: BenchSettings) -> None:
     MeasurePlan's bounds) is a usage error naming its flag, not a traceback after a load."""
     try:
         probe_plans(settings, settings.plan.depths)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else ""
-        raise ValueError(f"{_PLAN_FLAGS.get(field, field)}: {first['msg']}") from None
+    except SettingError as exc:
+        field = exc.loc.partition(".")[0]
+        raise ValueError(f"{_PLAN_FLAGS.get(field, field)}: {exc.problem}") from None
 
 
 def _interrupt_on_sigterm() -> None:

@@ -22,7 +22,6 @@ from typing import Final, Protocol
 
 import httpx
 import structlog
-from pydantic import SecretStr
 
 from exporter import __version__
 from exporter.bench.files import create_private
@@ -62,6 +61,7 @@ from exporter.llama.client import LlamaClient, ServerApi, ServerError
 from exporter.llama.discovery import ServerInfo, discover
 from exporter.llama.fleet import Fleet, FleetActivity
 from exporter.llama.redact import redacted, redacted_text
+from exporter.llama.secret import Secret
 from exporter.llama.server_process import ServerProcess, ServerStartError
 from exporter.probe.plan import MeasurePlan
 from exporter.probe.results import (
@@ -102,7 +102,7 @@ class BenchSettings:
     # Target mode, behind a router or llama-swap: the loaded model to measure (None: the one
     # loaded); against a single server, the model it must be serving.
     model: str | None = None
-    api_key: SecretStr | None = None
+    api_key: Secret | None = None
     quality: QualitySettings | None = None  # launch mode: llama-perplexity after the first run
     # A running server may be busy with production traffic: wait for it, up to this many times.
     busy_retries: int = 3

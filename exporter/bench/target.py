@@ -12,7 +12,6 @@ import contextlib
 from dataclasses import dataclass
 
 import httpx
-from pydantic import SecretStr
 
 from exporter.host.address import local_port
 from exporter.host.proc import find_listening_pid
@@ -22,6 +21,7 @@ from exporter.llama.fleet import Fleet
 from exporter.llama.redact import redacted_text
 from exporter.llama.router import RouterModel, TargetKind, detect_kind
 from exporter.llama.scoped import MultiKind
+from exporter.llama.secret import Secret
 from exporter.probe.once import RefusedError, check_served, loaded_model
 
 __all__ = [
@@ -85,7 +85,7 @@ async def choose_target(client: LlamaClient, model: str | None, where: str) -> B
 
 async def choose_at(
     url: str,
-    api_key: SecretStr | None,
+    api_key: Secret | None,
     model: str | None,
     *,
     timeout: float,

@@ -7,14 +7,16 @@ settings table (`tests/test_docs.py` checks it; `UPDATE_GOLDEN=1` rewrites it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from exporter.config.settings import ENV_PREFIX, PROBE_MODELS, Settings
+from exporter.config.settings import ENV_PREFIX, PROBE_SECTIONS, Settings
+from exporter.declared import spec_of
 
 # Spellings of earlier releases, still accepted with a warning: the probe flags had a dash
 # where the Prometheus convention has a dot, as did --log-format and --log-level.
@@ -25,7 +27,6 @@ _DASHED_PROBE_FLAGS: Final = frozenset(
         "generation_tokens", "depths", "repetitions", "slot", "duty_budget",
     }
 )  # fmt: skip
-_SECTION_MODELS: Final[dict[str, tuple[type[BaseModel], ...]]] = {"probe": PROBE_MODELS}
 
 
 @dataclass(frozen=True)
@@ -59,17 +60,17 @@ def _shown(value: Any) -> str:
     return f"`{value}`"
 
 
-def _setting(path: tuple[str, ...], field: FieldInfo) -> Setting:
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+def _setting(
+    path: tuple[str, ...], description: str, default: Any, extra: Mapping[str, Any]
+) -> Setting:
     flag = str(extra.get("flag") or "--" + ".".join(p.replace("_", "-") for p in path))
     deprecated: tuple[str, ...] = ()
     if path[0] in _DASHED_SECTIONS and (path[0] != "probe" or path[-1] in _DASHED_PROBE_FLAGS):
         deprecated = ("--" + "-".join(p.replace("_", "-") for p in path),)
-    default = _shown(extra["shown"]) if "shown" in extra else _shown(field.default)
     return Setting(
         path=path,
-        help=field.description or "",
-        default=default,
+        help=description,
+        default=_shown(extra["shown"]) if "shown" in extra else _shown(default),
         flag=flag,
         metavar=str(extra.get("metavar") or path[-1].upper()),
         repeatable=bool(extra.get("repeatable")),
@@ -77,21 +78,32 @@ def _setting(path: tuple[str, ...], field: FieldInfo) -> Setting:
     )
 
 
+def _extra(field: FieldInfo) -> Mapping[str, Any]:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
 def _walk() -> Iterator[Setting]:
     for name, field in Settings.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        extra = _extra(field)
         if "flag" in extra and extra["flag"] is None:
             continue  # file and environment only: secrets, the target list
-        models = _SECTION_MODELS.get(name)
-        annotation = field.annotation
-        if models is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            models = (annotation,)
-        if models is None:
-            yield _setting((name,), field)
+        if name == "probe":  # the declared plans' fields (exporter.declared)
+            for section in PROBE_SECTIONS:
+                for declared in dataclasses.fields(section):
+                    yield _setting(
+                        (name, declared.name),
+                        spec_of(declared).description,
+                        declared.default,
+                        {},
+                    )
             continue
-        for model in models:
-            for sub, sub_field in model.model_fields.items():
-                yield _setting((name, sub), sub_field)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for sub, sub_field in annotation.model_fields.items():
+                yield _setting((name, sub), sub_field.description or "", sub_field.default,
+                               _extra(sub_field))  # fmt: skip
+            continue
+        yield _setting((name,), field.description or "", field.default, extra)
 
 
 SETTINGS: Final[tuple[Setting, ...]] = tuple(_walk())

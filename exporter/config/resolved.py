@@ -8,10 +8,9 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr
-
 from exporter.kv.facts import KvOverrides
 from exporter.llama.limits import RequestLimits
+from exporter.llama.secret import Secret
 from exporter.probe.plan import MeasurePlan
 from exporter.schedule.plan import Schedule
 
@@ -52,7 +51,7 @@ class ModelRules:
 class Target:
     name: str
     url: str
-    api_key: SecretStr | None = field(default=None, repr=False)
+    api_key: Secret | None = field(default=None, repr=False)
     plan: MeasurePlan = field(default_factory=MeasurePlan)
     schedule: Schedule = field(default_factory=Schedule)
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -113,9 +112,9 @@ def _target_to_json(t: Target) -> dict[str, Any]:
         "name": t.name,
         "url": t.url,
         "api_key": None if t.api_key is None else t.api_key.get_secret_value(),
-        "plan": t.plan.model_dump(mode="json"),
-        "schedule": t.schedule.model_dump(mode="json"),
-        "limits": t.limits.model_dump(mode="json"),
+        "plan": t.plan.as_json(),
+        "schedule": t.schedule.as_json(),
+        "limits": t.limits.as_json(),
         "proxy": t.proxy,
         "pid_file": _path_text(t.pid_file),
         "process_name": t.process_name,
@@ -130,7 +129,7 @@ def _target_to_json(t: Target) -> dict[str, Any]:
             "include": list(t.models.include),
             "exclude": list(t.models.exclude),
             "plans": [
-                {"glob": p.glob, "plan": None if p.plan is None else p.plan.model_dump(mode="json")}
+                {"glob": p.glob, "plan": None if p.plan is None else p.plan.as_json()}
                 for p in t.models.plans
             ],
         },
@@ -142,7 +141,7 @@ def _target_from_json(data: dict[str, Any]) -> Target:
     return Target(
         name=data["name"],
         url=data["url"],
-        api_key=None if data["api_key"] is None else SecretStr(data["api_key"]),
+        api_key=None if data["api_key"] is None else Secret(data["api_key"]),
         plan=MeasurePlan(**data["plan"]),
         schedule=Schedule(**data["schedule"]),
         limits=RequestLimits(**data["limits"]),

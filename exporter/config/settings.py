@@ -12,11 +12,12 @@ them, every field optional so that a target's section overrides only what it nam
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import os
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, cast, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -38,45 +39,64 @@ from pydantic_settings import (
 
 from exporter.config.errors import ConfigError
 from exporter.config.resolved import Config, ModelPlan, ModelRules, Target
+from exporter.declared import Declared, SettingError, spec_of
 from exporter.host.address import port_of, split_listen_address
 from exporter.kv.facts import KvOverrides
 from exporter.llama.limits import RequestLimits
-from exporter.probe.plan import MeasurePlan, split_list
+from exporter.llama.secret import Secret
+from exporter.probe.plan import MeasurePlan
 from exporter.schedule.plan import Schedule
 
 ENV_PREFIX = "LLAMA_SPEED_"
 DEFAULT_TARGET_URL = "http://127.0.0.1:8080"
 # 18088 lies outside the 9100-10xxx block of Prometheus' default port allocations.
 DEFAULT_LISTEN_ADDRESS = ":18088"
-# The plan models whose fields make up a `probe` section, in the order flags list them.
-PROBE_MODELS: tuple[type[BaseModel], ...] = (Schedule, MeasurePlan, RequestLimits)
+# The declarations whose fields make up a `probe` section, in the order flags list them.
+PROBE_SECTIONS: tuple[type[Declared], ...] = (Schedule, MeasurePlan, RequestLimits)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _optional(field: FieldInfo) -> tuple[Any, FieldInfo]:
-    """The same field with every bound and validator, but None by default: 'not set here'."""
-    inner: Any = field.annotation
-    if field.metadata:
-        inner = Annotated[(inner, *field.metadata)]
-    annotation: Any = inner | None
-    if get_origin(field.annotation) in (tuple, list):
+def split_list(value: Any) -> Any:
+    """A list from a flag or the environment may be written `a,b,c` as well as JSON."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def _optional(hint: Any, field: dataclasses.Field[Any]) -> tuple[Any, FieldInfo]:
+    """A declared setting as the settings layer reads it: parsed into its type, None by
+    default ('not set here'). Its bounds are the value's own, checked when it is built
+    (`exporter.declared`)."""
+    annotation: Any = hint | None
+    if get_origin(hint) in (tuple, list):
         # A list from a flag or the environment is written `0,4096`, not JSON: pydantic-settings
-        # must leave it to the field's own validator, and looks for this mark on the field.
-        annotation = Annotated[annotation, NoDecode]
+        # must leave it to split_list, and looks for NoDecode on the field.
+        annotation = Annotated[annotation, NoDecode, BeforeValidator(split_list)]
     # Field() is typed as returning its default, for class bodies; here it is the FieldInfo.
-    optional = cast(FieldInfo, Field(None, description=field.description))
+    optional = cast(FieldInfo, Field(None, description=spec_of(field).description))
     return annotation, optional
 
 
+def _declared_fields(*sections: type[Declared]) -> dict[str, tuple[Any, FieldInfo]]:
+    fields: dict[str, tuple[Any, FieldInfo]] = {}
+    for section in sections:
+        hints = get_type_hints(section)
+        for field in dataclasses.fields(section):
+            fields[field.name] = _optional(hints[field.name], field)
+    return fields
+
+
 def _probe_fields_model() -> type[BaseModel]:
-    fields = {
-        name: _optional(info) for model in PROBE_MODELS for name, info in model.model_fields.items()
-    }
     return create_model(  # type: ignore[call-overload,no-any-return]
-        "ProbeFields", __config__=ConfigDict(extra="forbid", frozen=True), **fields
+        "ProbeFields",
+        __config__=ConfigDict(extra="forbid", frozen=True),
+        **_declared_fields(*PROBE_SECTIONS),
     )
 
 
@@ -84,9 +104,7 @@ def _model_probe_fields_model() -> type[BaseModel]:
     """A `model_probe` entry: what a round measures (`MeasurePlan`, every field optional),
     and whether the model is probed at all. When rounds run stays the target's: its models
     share the GPUs and take turns within one schedule and duty budget."""
-    fields: dict[str, Any] = {
-        name: _optional(info) for name, info in MeasurePlan.model_fields.items()
-    }
+    fields: dict[str, Any] = _declared_fields(MeasurePlan)
     fields["enabled"] = (bool, Field(True, description="probe the models this glob matches"))
     return create_model(
         "ModelProbeFields", __config__=ConfigDict(extra="forbid", frozen=True), **fields
@@ -268,14 +286,11 @@ def resolve_probe(
     for layer in layers:
         values.update(layer.model_dump(exclude_none=True))
     try:
-        schedule = Schedule(**{k: v for k, v in values.items() if k in Schedule.model_fields})
-        plan = MeasurePlan(**{k: v for k, v in values.items() if k in MeasurePlan.model_fields})
-        limits = RequestLimits(
-            **{k: v for k, v in values.items() if k in RequestLimits.model_fields}
-        )
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise ConfigError(_error_key(key, error), _message(error)) from None
+        schedule = Schedule.pick(values)
+        plan = MeasurePlan.pick(values)
+        limits = RequestLimits.pick(values)
+    except SettingError as exc:
+        raise ConfigError(f"{key}.{exc.loc}" if exc.loc else key, exc.problem) from None
     # Jitter delays a round by up to `jitter` s past its slot, so the next round may come
     # interval - jitter after it: a round must end by then, or two would run at once.
     if schedule.interval <= plan.timeout + schedule.jitter:
@@ -310,7 +325,7 @@ def default_target_name(url: str) -> str:
     return f"{urlsplit(url).hostname}:{port_of(url)}"
 
 
-def _read_key_file(path: Path, key: str) -> SecretStr:
+def _read_key_file(path: Path, key: str) -> Secret:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -319,42 +334,43 @@ def _read_key_file(path: Path, key: str) -> SecretStr:
     keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not keys:
         raise ConfigError(key, f"{path} holds no API key")
-    return _checked_key(SecretStr(keys[0]), key)
+    return _checked_key(keys[0], key)
 
 
-def _checked_key(secret: SecretStr, key: str) -> SecretStr:
+def _checked_key(value: str, key: str) -> Secret:
     """An API key travels in an HTTP header: printable ASCII only. Said here, once, rather
     than as an encoding error at the first request; the message never shows the key."""
-    value = secret.get_secret_value()
     if not value.isascii() or not value.isprintable() or value != value.strip():
         raise ConfigError(key, "the API key must be printable ASCII without spaces at its ends")
-    return secret
+    return Secret(value)
 
 
-def _resolve_key(t: TargetFields, settings: Settings, key: str) -> SecretStr | None:
+def _resolve_key(t: TargetFields, settings: Settings, key: str) -> Secret | None:
     given = [n for n in ("api_key", "api_key_env", "api_key_file") if getattr(t, n) is not None]
     if len(given) > 1:
         raise ConfigError(key, f"set only one of {', '.join(given)}")
     if t.api_key is not None:
-        return _checked_key(t.api_key, f"{key}.api_key")
+        return _checked_key(t.api_key.get_secret_value(), f"{key}.api_key")
     if t.api_key_env is not None:
         value = os.environ.get(t.api_key_env)
         if not value:
             raise ConfigError(
                 f"{key}.api_key_env", f"environment variable {t.api_key_env} is unset"
             )
-        return _checked_key(SecretStr(value), f"{key}.api_key_env")
+        return _checked_key(value, f"{key}.api_key_env")
     if t.api_key_file is not None:
         return _read_key_file(t.api_key_file, f"{key}.api_key_file")
     return _global_key(settings)
 
 
-def _global_key(settings: Settings) -> SecretStr | None:
+def _global_key(settings: Settings) -> Secret | None:
     if settings.api_key is not None and settings.api_key_file is not None:
         raise ConfigError("api_key", "set only one of api_key, api_key_file")
     if settings.api_key_file is not None:
         return _read_key_file(settings.api_key_file, "api_key_file")
-    return None if settings.api_key is None else _checked_key(settings.api_key, "api_key")
+    if settings.api_key is None:
+        return None
+    return _checked_key(settings.api_key.get_secret_value(), "api_key")
 
 
 def resolve(settings: Settings) -> Config:

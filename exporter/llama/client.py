@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import httpx
-from pydantic import SecretStr
 
 from exporter.host.address import uses_tls
 from exporter.llama.limits import RequestLimits
+from exporter.llama.secret import Secret
 from exporter.llama.untrusted import DETAIL_MAX_CHARS, clean_text
 
 # The fixed set of failure reasons, exported as the `reason` label.
@@ -150,7 +150,7 @@ class LlamaClient:
     def __init__(
         self,
         base_url: str,
-        api_key: SecretStr | None = None,
+        api_key: Secret | None = None,
         *,
         timeout: float = 10.0,
         limits: RequestLimits | None = None,

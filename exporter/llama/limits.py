@@ -7,31 +7,31 @@ deep probe on a server that echoes its prompt back needs more room than the defa
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from dataclasses import dataclass
+
+from exporter.declared import Declared, setting
 
 MIB = 1024 * 1024
 
 
-class RequestLimits(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestLimits(Declared):
     """Bounds on each request the exporter makes to a server."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Discovery decides llama_speed_server_up: it must answer within seconds, whatever the
     # round's own timeout, and a server that drips its answer must not hold it for ever.
-    discovery_timeout: float = Field(
+    discovery_timeout: float = setting(
         10.0,
+        "seconds each /props, /v1/models, /slots or /metrics read may take in all",
         gt=0,
         le=300,
-        allow_inf_nan=False,
-        description="seconds each /props, /v1/models, /slots or /metrics read may take in all",
     )
     # b11434's answers are a few KiB (/props with its chat template: up to some 100 KiB). The
     # final event of a completion is asked to leave the prompt out (`response_fields`); a
     # server that ignores that echoes it, about 8 bytes a token: 2 MiB at depth 262,144.
-    max_response_bytes: int = Field(
+    max_response_bytes: int = setting(
         8 * MIB,
+        "largest response body or stream line accepted from a server, in bytes",
         ge=64 * 1024,
         le=1024 * MIB,
-        description="largest response body or stream line accepted from a server, in bytes",
     )

@@ -7,10 +7,9 @@ another matter: `exporter.schedule.plan`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from dataclasses import dataclass
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-
+from exporter.declared import Declared, SettingError, setting
 from exporter.probe.results import KINDS, Kind
 
 # Upper bounds, far past any real use, so that no accepted value is absurd where it is used:
@@ -20,16 +19,6 @@ MAX_TIMEOUT_SECONDS = 86400.0
 MAX_DEPTH = 1 << 24  # tokens; llama.cpp contexts are far smaller
 MAX_TOKENS = 1 << 20  # per PP or TG sample
 MAX_REPETITIONS = 100
-
-
-def split_list(value: Any) -> Any:
-    """A list from a flag or the environment may be written `a,b,c` as well as JSON."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        return [part.strip() for part in text.split(",") if part.strip()]
-    return value
 
 
 def _distinct_sorted(depths: tuple[int, ...]) -> tuple[int, ...]:
@@ -45,63 +34,52 @@ def _none_or_at_least_two(tokens: int) -> int:
     return tokens
 
 
-Depths = Annotated[
-    tuple[Annotated[int, Field(ge=0, le=MAX_DEPTH)], ...],
-    # "0,4096" from a flag or the environment is not JSON: the settings layer marks such a
-    # field not to be decoded (exporter.config.settings), so that the daemon, which never
-    # loads pydantic-settings, can import the plan.
-    BeforeValidator(split_list),
-    AfterValidator(_distinct_sorted),
-]
-
-
-class MeasurePlan(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeasurePlan(Declared):
     """One round: per depth, a fill, then `repetitions` PP and TG samples, within `timeout`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    timeout: float = Field(
-        120.0,
-        gt=0,
-        le=MAX_TIMEOUT_SECONDS,
-        allow_inf_nan=False,
-        description="seconds one probe round may take (at most 86400)",
+    timeout: float = setting(
+        120.0, "seconds one probe round may take (at most 86400)", gt=0, le=MAX_TIMEOUT_SECONDS
     )
-    prompt_tokens: int = Field(
+    prompt_tokens: int = setting(
         512,
+        "fresh prompt tokens per PP sample (0: no PP probes; at most 1048576)",
         ge=0,
         le=MAX_TOKENS,
-        description="fresh prompt tokens per PP sample (0: no PP probes; at most 1048576)",
     )
-    generation_tokens: Annotated[int, AfterValidator(_none_or_at_least_two)] = Field(
+    generation_tokens: int = setting(
         128,
+        "tokens generated per TG sample (0: no TG probes; at most 1048576)",
         ge=0,
         le=MAX_TOKENS,
-        description="tokens generated per TG sample (0: no TG probes; at most 1048576)",
+        normalise=_none_or_at_least_two,
     )
-    depths: Depths = Field(
-        (0,), description="context depths, e.g. 0,4096,16384 (each at most 16777216)"
+    depths: tuple[int, ...] = setting(
+        (0,),
+        "context depths, e.g. 0,4096,16384 (each at most 16777216)",
+        ge=0,
+        le=MAX_DEPTH,
+        normalise=_distinct_sorted,
     )
-    repetitions: int = Field(
-        3, ge=1, le=MAX_REPETITIONS, description="samples per depth and round (at most 100)"
+    repetitions: int = setting(
+        3, "samples per depth and round (at most 100)", ge=1, le=MAX_REPETITIONS
     )
-    slot: int | None = Field(None, ge=0, description="slot id for probes (default: the highest)")
-    warmup: bool = Field(
-        True, description="send one unmeasured request before each round, as llama-bench does"
+    slot: int | None = setting(None, "slot id for probes (default: the highest)", ge=0)
+    warmup: bool = setting(
+        True, "send one unmeasured request before each round, as llama-bench does"
     )
-    require_busy_check: bool = Field(
-        True, description="skip rounds when neither /slots nor /metrics tells whether busy"
+    require_busy_check: bool = setting(
+        True, "skip rounds when neither /slots nor /metrics tells whether busy"
     )
-    canary: bool = Field(
-        True,
-        description="end each round with one fixed greedy request and watch its output change",
+    canary: bool = setting(
+        True, "end each round with one fixed greedy request and watch its output change"
     )
 
-    @model_validator(mode="after")
-    def _measures_something(self) -> MeasurePlan:
+    def check(self) -> None:
         if not self.kinds:
-            raise ValueError("prompt_tokens and generation_tokens are both 0: nothing to measure")
-        return self
+            raise SettingError(
+                "", "prompt_tokens and generation_tokens are both 0: nothing to measure"
+            )
 
     @property
     def kinds(self) -> tuple[Kind, ...]:

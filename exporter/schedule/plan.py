@@ -5,7 +5,9 @@ What a round measures is `exporter.probe.plan`; the two meet in `exporter.config
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from dataclasses import dataclass
+
+from exporter.declared import Declared, setting
 
 # The duty budget's window: an hour, or one interval where rounds come less often.
 MIN_DUTY_WINDOW_SECONDS = 3600.0
@@ -19,52 +21,41 @@ MAX_DISCOVERY_INTERVAL_SECONDS = 86400.0
 MAX_CONFIRMATIONS = 5
 
 
-class Schedule(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Schedule(Declared):
     """Rounds every `interval` (plus up to `jitter`), within `duty_budget` of wall time; the
     server's /props every `discovery_interval`. Checked against the round's timeout by
     `exporter.config.settings`, where both are known."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     # A round of the defaults on a 22 t/s server (warm-up, 3 x pp512 + tg128) takes about 20 s:
     # every 20 minutes that is 1.7% of wall time; the 3% duty budget leaves room for the two
     # confirmation rounds that follow a round outside its band (2.8% in that hour).
-    interval: float = Field(
+    interval: float = setting(
         1200.0,
+        "seconds between probe rounds (at most 604800, 7 days)",
         gt=0,
         le=MAX_INTERVAL_SECONDS,
-        allow_inf_nan=False,
-        description="seconds between probe rounds (at most 604800, 7 days)",
     )
-    jitter: float = Field(
-        10.0,
-        ge=0,
-        le=MAX_JITTER_SECONDS,
-        allow_inf_nan=False,
-        description="random seconds added to each interval (at most 86400)",
+    jitter: float = setting(
+        10.0, "random seconds added to each interval (at most 86400)", ge=0, le=MAX_JITTER_SECONDS
     )
-    discovery_interval: float = Field(
+    discovery_interval: float = setting(
         30.0,
+        "seconds between /props reads (at most 86400)",
         gt=0,
         le=MAX_DISCOVERY_INTERVAL_SECONDS,
-        allow_inf_nan=False,
-        description="seconds between /props reads (at most 86400)",
     )
-    duty_budget: float = Field(0.03, gt=0, le=1, description="max share of wall time for probes")
+    duty_budget: float = setting(0.03, "max share of wall time for probes", gt=0, le=1)
     # Two confirmations: a change must hold for three rounds in a row before a series
     # settles on it, which a one-off slow round (a page-in, a thermal blip) never does.
-    confirmations: int = Field(
+    confirmations: int = setting(
         2,
+        "rounds run soon after one outside its series' usual band (0: none; at most 5)",
         ge=0,
         le=MAX_CONFIRMATIONS,
-        description="rounds run soon after one outside its series' usual band (0: none; at most 5)",
     )
-    confirmation_delay: float = Field(
-        90.0,
-        gt=0,
-        le=MAX_INTERVAL_SECONDS,
-        allow_inf_nan=False,
-        description="seconds from a round to its confirmation round",
+    confirmation_delay: float = setting(
+        90.0, "seconds from a round to its confirmation round", gt=0, le=MAX_INTERVAL_SECONDS
     )
 
     @property

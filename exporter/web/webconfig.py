@@ -20,16 +20,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import bcrypt
 import structlog
 from prometheus_client.core import Metric as Family
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exporter.collectors.catalogue import LAST_WEB_CONFIG_RELOAD_SUCCESS, WEB_CONFIG_RELOAD_SUCCESS
 from exporter.config.errors import ConfigError
 from exporter.web.endpoint import StartResponse, WsgiApp
+
+if TYPE_CHECKING:
+    from exporter.web.webconfig_fields import TlsFields
 
 log = structlog.get_logger(__name__)
 
@@ -90,33 +91,6 @@ class WebConfigError(ConfigError):
         return f"web.config_file: {where}: {self.problem}"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class _TlsFields(_Strict):
-    cert_file: str | None = None
-    key_file: str | None = None
-    client_auth_type: Literal[
-        "NoClientCert", "RequestClientCert", "RequireAnyClientCert", "RequireClientCert",
-        "VerifyClientCertIfGiven", "RequireAndVerifyClientCert",
-    ] = "NoClientCert"  # fmt: skip
-    client_ca_file: str | None = None
-    min_version: Literal["TLS10", "TLS11", "TLS12", "TLS13"] = "TLS12"
-    max_version: Literal["TLS10", "TLS11", "TLS12", "TLS13"] = "TLS13"
-
-
-class _HttpFields(_Strict):
-    http2: bool = True  # accepted for compatibility; this server speaks HTTP/1.x
-    headers: dict[str, str] | None = None
-
-
-class _FileFields(_Strict):
-    tls_server_config: _TlsFields | None = None
-    http_server_config: _HttpFields | None = None
-    basic_auth_users: dict[str, str] | None = None
-
-
 def file_signature(path: Path) -> object:
     """What changes when a file is written or replaced (an editor's rename, a k8s symlink swap)."""
     try:
@@ -165,7 +139,11 @@ class _Loader:
         return path if path.is_absolute() else self.path.parent / path
 
     def load(self) -> WebConfig:
-        import yaml  # noqa: PLC0415 - only with a web config file: see exporter.config.settings
+        # Only with a web config file: yaml, and pydantic for the file's keys, are some 10 MiB
+        # that a daemon without one never loads (exporter.serve).
+        import yaml  # noqa: PLC0415
+
+        from exporter.web.webconfig_fields import FieldsError, HttpFields, file_fields  # noqa: PLC0415
 
         raw = self.read(self.path, "")
         try:
@@ -181,12 +159,12 @@ class _Loader:
             raise self.error("", "must hold a mapping at the top level")
         self._check_unsupported(data)
         try:
-            fields = _FileFields.model_validate(data)
-        except ValidationError as exc:
-            raise self._validation_error(exc) from None
+            fields = file_fields(data)
+        except FieldsError as exc:
+            raise self.error(exc.key, exc.problem) from None
         tls = self._tls(fields.tls_server_config) if fields.tls_server_config else None
         users = self._users(fields.basic_auth_users or {})
-        http = fields.http_server_config or _HttpFields()
+        http = fields.http_server_config or HttpFields()
         headers = self._headers(http.headers or {})
         cost = max((int(h[4:6]) for h in users.values()), default=4)
         # A well-formed hash of nothing: checking any password against it costs what a real
@@ -203,17 +181,7 @@ class _Loader:
             if key in present:
                 raise self.error(key, why)
 
-    def _validation_error(self, exc: ValidationError) -> WebConfigError:
-        error = exc.errors()[0]
-        key = ".".join(str(part) for part in error["loc"])
-        if error["type"] == "extra_forbidden":
-            problem = "unknown key"
-        else:
-            problem = str(error["msg"]).removeprefix("Value error, ")
-        more = len(exc.errors()) - 1
-        return self.error(key, problem + (f" (and {more} more problems)" if more else ""))
-
-    def _tls(self, tls: _TlsFields) -> ssl.SSLContext | None:
+    def _tls(self, tls: TlsFields) -> ssl.SSLContext | None:
         if not tls.model_fields_set:
             return None  # an empty tls_server_config, as exporter-toolkit reads it: no TLS
         key = "tls_server_config"
@@ -248,7 +216,7 @@ class _Loader:
         self._client_auth(tls, context)
         return context
 
-    def _client_auth(self, tls: _TlsFields, context: ssl.SSLContext) -> None:
+    def _client_auth(self, tls: TlsFields, context: ssl.SSLContext) -> None:
         key = "tls_server_config"
         if tls.client_auth_type in _UNVERIFIED_CLIENT_AUTH:
             raise self.error(
@@ -435,6 +403,8 @@ class BasicAuth:
             expiry = self._cache.get(key)
         if known and expiry is not None and expiry > now:
             return True
+        import bcrypt  # noqa: PLC0415 - only where basic auth is configured
+
         with self._bcrypt_lock:
             try:
                 ok = bcrypt.checkpw(password, hashed)

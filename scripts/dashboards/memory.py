@@ -12,6 +12,7 @@ from .panels import (
     NO_PROCESS_MEMORY,
     bar_gauge,
     dashed,
+    reasons,
     single_stat,
     steps,
     threshold_areas,
@@ -28,7 +29,6 @@ from .queries import (
     SERVED,
     SERVED_BY,
     TARGET,
-    counted_by_reason,
     instant,
     matchers,
     series,
@@ -85,20 +85,16 @@ def gpu_memory(built: Dashboard) -> Dashboard:
             .height(5)
         )
         .with_panel(
-            bar_gauge(
+            reasons(
                 "GPU read errors by reason (time range)",
                 "library_not_found, driver_not_loaded, driver_mismatch, no_permission, no_gpu,"
                 " gpu_lost, error. 'none' when NVML answered every time.",
-            )
-            .unit("suffix: errors")
-            .decimals(0)
-            .thresholds(steps("green", ("red", 0.5)))
-            .no_value(NO_GPU)
-            .with_target(
-                instant(
-                    counted_by_reason("llama_speed_gpu_errors_total", "instance", EXPORTER),
-                    "{{instance}} {{reason}}",
-                )
+                metric="llama_speed_gpu_errors_total",
+                by="instance",
+                selector=EXPORTER,
+                unit="errors",
+                thresholds=steps("green", ("red", 0.5)),
+                no_value=NO_GPU,
             )
             .span(8)
             .height(5)
@@ -204,21 +200,18 @@ def kv_cache(built: Dashboard) -> Dashboard:
             .height(6)
         )
         .with_panel(
-            bar_gauge(
+            reasons(
                 "KV errors by reason (since exporter start)",
                 "Models whose cache could not be worked out: model_unreadable, model_invalid,"
                 " unknown_architecture, unknown_cache_type, bad_server_args. 'none' when every"
                 " model was read.",
-            )
-            .unit("suffix: models")
-            .decimals(0)
-            .thresholds(steps("green", ("red", 1)))
-            .no_value("no KV counters for the selected targets")
-            .with_target(
-                instant(
-                    counted_by_reason(f"{KV}_errors_total", "target", TARGET, over_range=False),
-                    "{{target}} {{reason}}",
-                )
+                metric=f"{KV}_errors_total",
+                by="target",
+                selector=TARGET,
+                over_range=False,
+                unit="models",
+                thresholds=steps("green", ("red", 1)),
+                no_value="no KV counters for the selected targets",
             )
             .span(6)
             .height(6)

@@ -40,7 +40,7 @@ from grafana_foundation_sdk.models.common import (
     VizOrientation,
 )
 
-from .queries import DATASOURCE
+from .queries import DATASOURCE, counted_by_reason, instant
 
 LAST = "lastNotNull"
 # Speeds are compared by their mean; the rest by their extremes.
@@ -234,6 +234,30 @@ def bar_gauge(title: str, description: str) -> bargauge.Panel:
         .min_viz_width(8)
         .min_viz_height(16)
         .max_viz_height(300)
+    )
+
+
+def reasons(
+    title: str,
+    description: str,
+    *,
+    metric: str,
+    by: str,
+    selector: str,
+    unit: str,
+    thresholds: ThresholdsConfig,
+    no_value: str,
+    over_range: bool = True,
+) -> bargauge.Panel:
+    """A bar per `by` series and reason of a counter (`counted_by_reason`), named by both."""
+    legend = " ".join(f"{{{{{label.strip()}}}}}" for label in (*by.split(","), "reason"))
+    return (
+        bar_gauge(title, description)
+        .unit(f"suffix: {unit}")
+        .decimals(0)
+        .thresholds(thresholds)
+        .no_value(no_value)
+        .with_target(instant(counted_by_reason(metric, by, selector, over_range), legend))
     )
 
 

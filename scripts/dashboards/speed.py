@@ -24,6 +24,7 @@ from .panels import (
     dotted,
     organize,
     prop,
+    reasons,
     round_points,
     single_stat,
     steps,
@@ -39,7 +40,6 @@ from .queries import (
     RULE,
     SERVED,
     TARGET,
-    counted_by_reason,
     instant,
     matchers,
     series,
@@ -234,22 +234,18 @@ def regression_alerting(built: Dashboard) -> Dashboard:
         built.with_row(Row("Regression alerting"))
         .with_panel(arming_table())
         .with_panel(
-            bar_gauge(
+            reasons(
                 "Confirmation rounds by reason (time range)",
                 "Rounds run soon after one outside its series' band (90 s by default,"
                 " --probe.confirmation-delay), by why: below_band, above_band, or back_in_band"
                 " after a confirmed change. A below_band confirmation without an alert was a lone"
                 " slow round that the rounds after it did not repeat. 'none' when none ran.",
-            )
-            .unit("suffix: rounds")
-            .decimals(0)
-            .thresholds(steps("blue"))
-            .no_value("no confirmation counters for the selected targets")
-            .with_target(
-                instant(
-                    counted_by_reason("llama_speed_probe_confirmations_total", "target", TARGET),
-                    "{{target}} {{reason}}",
-                )
+                metric="llama_speed_probe_confirmations_total",
+                by="target",
+                selector=TARGET,
+                unit="rounds",
+                thresholds=steps("blue"),
+                no_value="no confirmation counters for the selected targets",
             )
             .span(8)
             .height(8)
@@ -489,63 +485,49 @@ def probe_health(built: Dashboard) -> Dashboard:
             .height(8)
         )
         .with_panel(
-            bar_gauge(
+            reasons(
                 "Skipped rounds by reason (time range)",
                 "Rounds (or depths) not started: busy (production in flight), busy_unknown,"
                 " sleeping, duty_budget, depth_exceeds_context, in_progress, not_loaded (a model"
                 " behind a router or llama-swap that is not loaded). 'none' when nothing was"
                 " skipped.",
-            )
-            .unit("suffix: rounds")
-            .decimals(0)
-            .thresholds(steps("blue"))
-            .no_value("no skip counters for the selected targets")
-            .with_target(
-                instant(
-                    counted_by_reason("llama_speed_probes_skipped_total", "target", TARGET),
-                    "{{target}} {{reason}}",
-                )
+                metric="llama_speed_probes_skipped_total",
+                by="target",
+                selector=TARGET,
+                unit="rounds",
+                thresholds=steps("blue"),
+                no_value="no skip counters for the selected targets",
             )
             .span(8)
             .height(8)
         )
         .with_panel(
-            bar_gauge(
+            reasons(
                 "Failed probes by reason (time range)",
                 "Probes that failed, by kind and reason (connect, timeout, unauthorized, loading,"
                 " http_error, bad_response, context_exceeded, not_supported, *_mismatch,"
                 " slot_out_of_range); docs/probes.md explains each. 'none' when nothing failed.",
-            )
-            .unit("suffix: probes")
-            .decimals(0)
-            .thresholds(steps("green", ("red", 0.5)))
-            .no_value("no failure counters for the selected targets")
-            .with_target(
-                instant(
-                    counted_by_reason(failures, "target, probe", TARGET),
-                    "{{target}} {{probe}} {{reason}}",
-                )
+                metric=failures,
+                by="target, probe",
+                selector=TARGET,
+                unit="probes",
+                thresholds=steps("green", ("red", 0.5)),
+                no_value="no failure counters for the selected targets",
             )
             .span(8)
             .height(8)
         )
         .with_panel(
-            bar_gauge(
+            reasons(
                 "Discarded samples (time range)",
                 "Probe samples thrown away because a production request overlapped them. 'none'"
                 " when nothing was discarded.",
-            )
-            .unit("suffix: probes")
-            .decimals(0)
-            .thresholds(steps("green", ("orange", 0.5)))
-            .no_value("no discard counters for the selected targets")
-            .with_target(
-                instant(
-                    counted_by_reason(
-                        "llama_speed_probes_discarded_total", "target, probe", TARGET
-                    ),
-                    "{{target}} {{probe}} {{reason}}",
-                )
+                metric="llama_speed_probes_discarded_total",
+                by="target, probe",
+                selector=TARGET,
+                unit="probes",
+                thresholds=steps("green", ("orange", 0.5)),
+                no_value="no discard counters for the selected targets",
             )
             .span(8)
             .height(8)
@@ -606,21 +588,17 @@ def output_canary(built: Dashboard) -> Dashboard:
             .height(8)
         )
         .with_panel(
-            bar_gauge(
+            reasons(
                 "Canary failures by reason (time range)",
                 "Canary requests that gave no output to compare: overlap (production arrived),"
                 " invalid_output, predicted_n_mismatch and the transport reasons. 'none' when"
                 " nothing failed.",
-            )
-            .unit("suffix: requests")
-            .decimals(0)
-            .thresholds(steps("green", ("orange", 0.5)))
-            .no_value("no canary counters for the selected targets")
-            .with_target(
-                instant(
-                    counted_by_reason("llama_speed_canary_failures_total", "target", TARGET),
-                    "{{target}} {{reason}}",
-                )
+                metric="llama_speed_canary_failures_total",
+                by="target",
+                selector=TARGET,
+                unit="requests",
+                thresholds=steps("green", ("orange", 0.5)),
+                no_value="no canary counters for the selected targets",
             )
             .span(6)
             .height(8)

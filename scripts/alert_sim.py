@@ -547,19 +547,17 @@ def first_evaluation(sim: SimResult, scrape_interval: float, eval_interval: int)
 def report(episodes: Sequence[AlertEpisode], sim: SimResult) -> dict[str, Any]:
     """The JSON report: episodes in trace seconds, fired ones apart from pending-only ones."""
 
-    def since_start(t: float | None) -> float | None:
-        return None if t is None else round(t - sim.start_unix, 3)
-
     def entry(e: AlertEpisode) -> dict[str, Any]:
         return {
             "name": e.name,
             "labels": dict(sorted(e.labels.items())),
-            "pending_at": since_start(e.pending_at),
-            "fired_at": since_start(e.fired_at),
-            "resolved_at": since_start(e.resolved_at),
+            "pending_at": e.pending_at,
+            "fired_at": e.fired_at,
+            "resolved_at": e.resolved_at,
         }
 
-    ordered = sorted(episodes, key=lambda e: (e.pending_at, e.name, sorted(e.labels.items())))
+    in_trace = [e.since(sim.start_unix) for e in episodes]
+    ordered = sorted(in_trace, key=lambda e: (e.pending_at, e.name, sorted(e.labels.items())))
     return {
         "alerts": [entry(e) for e in ordered if e.fired_at is not None],
         "pending_only": [entry(e) for e in ordered if e.fired_at is None],

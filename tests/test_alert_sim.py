@@ -17,21 +17,14 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-# The simulator's modules live beside its script, as scripts/dashboards does for its own.
-if str(ROOT / "scripts") not in sys.path:
-    sys.path.insert(0, str(ROOT / "scripts"))
-
-from alert_sim import SimOptions, scheduled_round_starts  # noqa: E402
-from alertsim.scenarios import (  # noqa: E402
+from alert_sim import SimOptions, scheduled_round_starts
+from alertsim.alert_states import AlertEpisode
+from alertsim.scenarios import (
     CRITICAL,
     GENERATION,
     HOUR,
@@ -40,13 +33,12 @@ from alertsim.scenarios import (  # noqa: E402
     SCENARIOS,
     TARGET_LABELS,
     WARNING,
-    Episode,
     Outcome,
     by_length,
     quiet_worker,
     run_scenario,
 )
-from alertsim.trace import EXPORTER_RESTART, TraceBuilder  # noqa: E402
+from alertsim.trace import EXPORTER_RESTART, TraceBuilder
 
 pytestmark = pytest.mark.prometheus
 
@@ -95,11 +87,11 @@ def outcomes(
                 run.cancel()
 
 
-def _fired(outcome: Outcome, alert: str, severity: str | None = None) -> list[Episode]:
+def _fired(outcome: Outcome, alert: str, severity: str | None = None) -> list[AlertEpisode]:
     return [e for e in outcome.alerts if e.name == alert and severity in (None, e.severity)]
 
 
-def _assert_labels_name_the_series(episodes: list[Episode]) -> None:
+def _assert_labels_name_the_series(episodes: list[AlertEpisode]) -> None:
     for e in episodes:
         assert {k: e.labels.get(k) for k in TARGET_LABELS} == TARGET_LABELS, e.describe()
 

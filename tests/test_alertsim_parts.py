@@ -10,31 +10,18 @@ import itertools
 import json
 import math
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import alert_sim
 import httpx
 import pytest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.openmetrics import parser as openmetrics
-
-from exporter.daemon import Daemon
-from exporter.host.blocking import BlockingSlot, DeadlineExceededError
-
-ROOT = Path(__file__).resolve().parent.parent
-# The simulator's modules live beside its script, as scripts/dashboards does for its own.
-if str(ROOT / "scripts") not in sys.path:
-    sys.path.insert(0, str(ROOT / "scripts"))
-
-import alert_sim  # noqa: E402
-from alertsim.alert_states import AlertEpisode  # noqa: E402
-from alertsim.scrape import ScrapeRecorder, rule_identifiers  # noqa: E402
-from alertsim.trace import (  # noqa: E402
+from alertsim.alert_states import AlertEpisode
+from alertsim.scrape import ScrapeRecorder, rule_identifiers
+from alertsim.trace import (
     DAY,
     Trace,
     TraceBuilder,
@@ -46,13 +33,21 @@ from alertsim.trace import (  # noqa: E402
     read_trace,
     write_trace,
 )
-from alertsim.trace_server import TraceServer, model_path  # noqa: E402
-from alertsim.virtual_loop import (  # noqa: E402
+from alertsim.trace_server import TraceServer, model_path
+from alertsim.virtual_loop import (
     BASE_UNIX,
     VirtualTimeLoop,
     run_virtual,
     running_virtual_loop,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import parser as openmetrics
+
+from exporter.daemon import Daemon
+from exporter.host.blocking import BlockingSlot, DeadlineExceededError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 HEADER = "t_seconds,tg_tps,pp_tps,event\n"
 

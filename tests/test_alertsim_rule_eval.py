@@ -4,24 +4,18 @@ resolved times from Prometheus 2.42's state machine."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 import yaml
+from alertsim.alert_states import LabelKey, parse_duration_ms, track_episodes
+from alertsim.backfill import RecordingRule, dependency_layers
+from alertsim.group_offset import group_name_for_offset, group_offset_ns, xxhash64
+from alertsim.prometheus_server import PrometheusError
+from alertsim.rule_eval import AlertEpisode, evaluate_rules
 
 from tests.conftest import run_promtool
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "scripts") not in sys.path:
-    sys.path.insert(0, str(ROOT / "scripts"))
-
-from alertsim.alert_states import LabelKey, parse_duration_ms, track_episodes  # noqa: E402
-from alertsim.backfill import RecordingRule, dependency_layers  # noqa: E402
-from alertsim.group_offset import group_name_for_offset, group_offset_ns, xxhash64  # noqa: E402
-from alertsim.prometheus_server import PrometheusError  # noqa: E402
-from alertsim.rule_eval import AlertEpisode, evaluate_rules  # noqa: E402
 
 pytestmark = pytest.mark.prometheus
 

@@ -20,13 +20,36 @@ _UNIT_MS = (365 * _DAY_MS, 7 * _DAY_MS, _DAY_MS, 3_600_000, 60_000, 1_000, 1)
 
 @dataclass(frozen=True)
 class AlertEpisode:
-    """One alert from going pending to being dropped or resolved; times in unix seconds."""
+    """One alert from going pending to being dropped or resolved; times in unix seconds as
+    evaluated, in trace seconds once taken `since` a run's start."""
 
     name: str
     labels: dict[str, str]
     pending_at: float
     fired_at: float | None
     resolved_at: float | None
+
+    @property
+    def severity(self) -> str:
+        return self.labels.get("severity", "")
+
+    def since(self, origin: float) -> AlertEpisode:
+        """The same episode with its times counted from `origin`, to the millisecond."""
+
+        def shifted(t: float | None) -> float | None:
+            return None if t is None else round(t - origin, 3)
+
+        return AlertEpisode(
+            self.name, dict(self.labels), round(self.pending_at - origin, 3),
+            shifted(self.fired_at), shifted(self.resolved_at),
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        shown = {k: v for k, v in self.labels.items() if k not in ("job", "instance")}
+        return (
+            f"{self.name}{shown} pending {self.pending_at:g} fired {self.fired_at} "
+            f"resolved {self.resolved_at}"
+        )
 
 
 @dataclass

@@ -346,38 +346,6 @@ def by_length(names: Iterable[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Episode:
-    """An alert episode in trace seconds."""
-
-    name: str
-    labels: dict[str, str]
-    pending_at: float
-    fired_at: float | None
-    resolved_at: float | None
-
-    @property
-    def severity(self) -> str:
-        return self.labels.get("severity", "")
-
-    @classmethod
-    def of(cls, episode: AlertEpisode, start_unix: float) -> Episode:
-        def since(t: float | None) -> float | None:
-            return None if t is None else round(t - start_unix, 3)
-
-        return cls(
-            episode.name, dict(episode.labels), round(episode.pending_at - start_unix, 3),
-            since(episode.fired_at), since(episode.resolved_at),
-        )  # fmt: skip
-
-    def describe(self) -> str:
-        shown = {k: v for k, v in self.labels.items() if k not in ("job", "instance")}
-        return (
-            f"{self.name}{shown} pending {self.pending_at:g} fired {self.fired_at} "
-            f"resolved {self.resolved_at}"
-        )
-
-
-@dataclass(frozen=True)
 class Outcome:
     scenario: str
     seed: int
@@ -386,13 +354,13 @@ class Outcome:
     confirmations: int
     round_starts: tuple[float, ...]
     outlier_rounds: tuple[float, ...]
-    alerts: tuple[Episode, ...]  # the episodes that fired
-    pending_only: tuple[Episode, ...]
+    alerts: tuple[AlertEpisode, ...]  # the episodes that fired
+    pending_only: tuple[AlertEpisode, ...]
     change_round: float | None  # the first round at or after the change
     recovery_round: float | None
     time_to_fire: dict[str, float | None]  # by MustFire.key: its first firing, from change_round
     resolved_after: dict[str, float | None]  # by MustFire.key: its last resolve, from recovery
-    false_alerts: tuple[Episode, ...]
+    false_alerts: tuple[AlertEpisode, ...]
     problems: tuple[str, ...]
     real_seconds: float
 
@@ -407,7 +375,7 @@ def first_round_at_or_after(round_starts: Sequence[float], t: float | None) -> f
     return next((s for s in round_starts if s >= t), None)
 
 
-def _matches(episode: Episode, alert: str, severity: str | None) -> bool:
+def _matches(episode: AlertEpisode, alert: str, severity: str | None) -> bool:
     return episode.name == alert and severity in (None, episode.severity)
 
 
@@ -443,7 +411,7 @@ def assess(
     expectation it missed (none: it met them all). With `preview` (the seed's schedule), a
     run that did not follow it is a problem too: its figures are not the seed's."""
     expected = scenario.expected
-    all_episodes = [Episode.of(e, sim.start_unix) for e in episodes]
+    all_episodes = [e.since(sim.start_unix) for e in episodes]  # in trace seconds
     fired = tuple(e for e in all_episodes if e.fired_at is not None)
     starts = tuple(sim.round_starts)
     change_round = first_round_at_or_after(starts, expected.change_at)
@@ -452,7 +420,7 @@ def assess(
     if preview is not None and (strays := off_schedule(built.trace, preview, starts)):
         problems.append(f"the run left its seed's schedule at {strays[0]:.3f} s")
 
-    def expected_alert(e: Episode) -> bool:
+    def expected_alert(e: AlertEpisode) -> bool:
         after_change = change_round is not None and (e.fired_at or 0) >= change_round
         allowed = any(_matches(e, m.alert, m.severity) for m in expected.must_fire) or (
             (e.name, e.severity) in expected.may_fire

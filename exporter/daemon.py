@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import random
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -364,8 +363,7 @@ class Daemon:
             schedule = rt.target.schedule
             delay = self._first_probe_delay
             if delay is None:
-                # Spread targets so that they do not all probe at the same moment after a start.
-                delay = 1.0 + random.uniform(0, min(schedule.jitter, 5.0))
+                delay = schedule.first_round_delay()
             scheduler.add(
                 f"discover:{name}", self.discover, name,
                 interval=schedule.discovery_interval, jitter=0.0, first_delay=0.0,

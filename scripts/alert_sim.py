@@ -56,8 +56,6 @@ from alertsim.rule_eval import evaluate_rules  # noqa: E402
 from alertsim.scrape import SCRAPE_INTERVAL_SECONDS, ScrapeRecorder, rule_identifiers  # noqa: E402
 from alertsim.trace import (  # noqa: E402
     EXPORTER_RESTART,
-    FIRST_PROBE_DELAY_SECONDS,
-    FIRST_PROBE_SPREAD_SECONDS,
     Trace,
     TraceError,
     read_trace,
@@ -194,16 +192,14 @@ def probe_job(
     on_max_instances: Callable[[str], None] = lambda _: None,
     on_failure: Callable[[BaseException], None] = lambda _: None,
 ) -> IntervalJob:
-    """A target's probe job, as an exporter start schedules it. Its first round comes 1 to
-    6 s after the start, as Daemon.run spreads it: one draw of `random`, made here, before
-    any of the trigger's."""
+    """A target's probe job, as an exporter start schedules it. Its first round comes as
+    Daemon.run puts it (`Schedule.first_round_delay`): one draw of `random`, made here,
+    before any of the trigger's."""
     schedule = target.schedule
-    first = FIRST_PROBE_DELAY_SECONDS + random.uniform(
-        0, min(schedule.jitter, FIRST_PROBE_SPREAD_SECONDS)
-    )
     return IntervalJob(
         probe, target.name, interval=schedule.interval, jitter=schedule.jitter,
-        first_delay=first, wall=wall, on_max_instances=on_max_instances, on_failure=on_failure,
+        first_delay=schedule.first_round_delay(), wall=wall,
+        on_max_instances=on_max_instances, on_failure=on_failure,
     )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ What a round measures is `exporter.probe.plan`; the two meet in `exporter.config
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from exporter.declared import Declared, setting
@@ -19,6 +20,10 @@ MAX_INTERVAL_SECONDS = 7 * 86400.0
 MAX_JITTER_SECONDS = 86400.0
 MAX_DISCOVERY_INTERVAL_SECONDS = 86400.0
 MAX_CONFIRMATIONS = 5
+# After a start, each target's first round comes this long, plus up to min(jitter, spread),
+# after it: soon, and spread so that several targets do not all probe at the same moment.
+FIRST_ROUND_DELAY_SECONDS = 1.0
+FIRST_ROUND_SPREAD_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +67,12 @@ class Schedule(Declared):
     def confirmation_rounds(self) -> int:
         """Confirmations that run: none where the next scheduled round comes as soon."""
         return self.confirmations if self.confirmation_delay < self.interval else 0
+
+    def first_round_delay(self) -> float:
+        """Seconds from a start to a target's first round: one draw of `random`."""
+        return FIRST_ROUND_DELAY_SECONDS + random.uniform(
+            0, min(self.jitter, FIRST_ROUND_SPREAD_SECONDS)
+        )
 
     @property
     def duty_window(self) -> float:

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from exporter.schedule.plan import FIRST_ROUND_DELAY_SECONDS, FIRST_ROUND_SPREAD_SECONDS, Schedule
+
 HEADER: Final = ("t_seconds", "tg_tps", "pp_tps", "event")
 RESTART: Final = "restart"
 EXPORTER_RESTART: Final = "exporter_restart"
@@ -59,10 +61,8 @@ DAY: Final = 86400.0
 # tokens, 128 generated, 3 repetitions) then takes about 15 s, as on a real box.
 DEFAULT_TG_TPS: Final = 40.0
 DEFAULT_PP_TPS: Final = 800.0
-# The daemon's schedule defaults (`exporter.schedule.plan.Schedule`): the first round comes
-# 1 s plus up to min(jitter, 5) s after the start.
-FIRST_PROBE_DELAY_SECONDS: Final = 1.0
-FIRST_PROBE_SPREAD_SECONDS: Final = 5.0
+# The daemon's schedule defaults, for the expected round starts.
+_DEFAULTS: Final = Schedule()
 
 
 class TraceError(ValueError):
@@ -195,12 +195,14 @@ def _text(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
-def expected_round_start(k: int, interval: float = 1200.0, jitter: float = 10.0) -> float:
+def expected_round_start(
+    k: int, interval: float = _DEFAULTS.interval, jitter: float = _DEFAULTS.jitter
+) -> float:
     """About when the k-th scheduled round (k = 0 first) after an exporter start begins, in
     seconds from that start: the mean of the daemon's first delay and of k jittered intervals.
     The actual time of a seeded run differs by up to a few times sqrt(k) x jitter / 3.5;
     `alert_sim.scheduled_round_starts` gives it exactly."""
-    first = FIRST_PROBE_DELAY_SECONDS + min(jitter, FIRST_PROBE_SPREAD_SECONDS) / 2
+    first = FIRST_ROUND_DELAY_SECONDS + min(jitter, FIRST_ROUND_SPREAD_SECONDS) / 2
     return first + k * (interval + jitter / 2)
 
 

@@ -87,13 +87,11 @@ class MultiTarget:
 
     async def probe(
         self, record: Callable[[RoundResult], None], *, only: set[str] | None = None
-    ) -> RoundResult | None:
+    ) -> None:
         """One scheduled round of the target: every watched model, in name order from a
         starting point that moves on by one each round, so that a duty budget that admits
         only some of them does not always favour the same ones; or, with `only`, a
-        confirmation round of those models. Each model's round goes to `record` as it ends;
-        returns the last one."""
-        last = None
+        confirmation round of those models. Each model's round goes to `record` as it ends."""
         listed = sorted(await self._list(), key=lambda m: m.name)
         if only is not None:
             listed = [m for m in listed if m.name in only]
@@ -104,8 +102,6 @@ class MultiTarget:
             result = await self._round(model)
             if result is not None:
                 record(result)
-                last = result
-        return last
 
     async def _round(self, model: RouterModel) -> RoundResult | None:
         if not model.loaded:

@@ -147,7 +147,7 @@ class Band:
                 self.settled = verdict
                 return None
             self.confirming, self.testing = verdict, [at]
-            return _reason(self.settled, verdict)
+            return _reason(verdict)
         if self.confirming is None:
             return None  # this series asked for nothing; another one of the round did
         if verdict != self.confirming:
@@ -160,10 +160,11 @@ class Band:
         if self.agreed >= needed:
             self.settled, self.confirming, self.agreed, self.testing = verdict, None, 0, []
             return None
-        return _reason(self.settled, verdict)
+        return _reason(verdict)
 
 
-def _reason(settled: Verdict, verdict: Verdict) -> str:
+def _reason(verdict: Verdict) -> str:
+    # "within" is only ever tested after a confirmed change: the series coming back.
     if verdict == "below":
         return BELOW_BAND
     if verdict == "above":
